@@ -1,0 +1,189 @@
+"""Residual-stream capture: texts through the LLM up to a layer, activations per token out."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .llm import LoadedLlm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenActivations:
+    """Activations of every token of a list of texts.
+
+    `values` is (n_tokens, d_model) float16; the tokens of text i are rows offsets[i]:offsets[i+1].
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class _StopForward(Exception):
+    """Raised by the last hook so that layers above the captured one never run."""
+
+
+def check_layer(llm: LoadedLlm, layer: int) -> None:
+    if not 0 <= layer <= llm.num_layers:
+        raise ValueError(
+            f"layer {layer} does not exist: {llm.model_id} has layers 0..{llm.num_layers} "
+            "(0 = embeddings, N = after block N)"
+        )
+
+
+def tokenize(llm: LoadedLlm, texts: list[str], window: int, prefix: str = "") -> list[list[int]]:
+    """Token ids per text, truncated to `window`, with the BOS token (if any) in front.
+
+    The BOS position soaks up attention ("attention sink") and has outlier norms, so it is
+    fed to the model but never captured.
+    """
+    tok = llm.tokenizer
+    encoded = tok([prefix + t for t in texts], add_special_tokens=False, truncation=True, max_length=window)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    return [bos + ids for ids in encoded["input_ids"]]
+
+
+@torch.inference_mode()
+def capture(
+    llm: LoadedLlm,
+    texts: list[str],
+    layers: list[int],
+    window: int = 256,
+    batch_size: int = 16,
+    prefix: str = "",
+    progress: bool = False,
+) -> dict[int, TokenActivations]:
+    """Residual-stream activations at each of `layers` for every token of every text.
+
+    Only blocks up to max(layers) run. Texts are batched by length (deterministic order),
+    results come back in input order.
+    """
+    for layer in layers:
+        check_layer(llm, layer)
+    if not texts:
+        raise ValueError("capture needs at least one text")
+    ids = tokenize(llm, texts, window, prefix)
+    skip = 1 if llm.tokenizer.bos_token_id is not None else 0
+    lengths = np.array([len(x) - skip for x in ids])
+    if (lengths <= 0).any():
+        bad = int(np.argmax(lengths <= 0))
+        raise ValueError(f"text {bad} has no tokens after tokenisation: {texts[bad][:60]!r}")
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out = {layer: np.empty((int(offsets[-1]), llm.d_model), dtype=np.float16) for layer in layers}
+
+    grabbed: dict[int, torch.Tensor] = {}
+    top = max(layers)
+    blocks = llm.blocks()
+
+    def make_hook(layer: int):
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            grabbed[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == top:
+                raise _StopForward
+
+        return hook
+
+    handles = [
+        (llm.model.get_input_embeddings() if layer == 0 else blocks[layer - 1]).register_forward_hook(make_hook(layer))
+        for layer in set(layers)
+    ]
+    order = np.argsort(-lengths, kind="stable")
+    pad = llm.tokenizer.pad_token_id
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=f"capture L{layers}", disable=not progress):
+            batch = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            try:
+                llm.model(input_ids=input_ids.to(llm.device), attention_mask=mask.to(llm.device), use_cache=False)
+            except _StopForward:
+                pass
+            for layer in layers:
+                hidden = grabbed[layer].float().cpu().numpy()
+                for row, i in enumerate(batch):
+                    out[layer][offsets[i] : offsets[i + 1]] = hidden[row, skip : skip + lengths[i]]
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, values in out.items():
+        if not np.isfinite(values).all():
+            raise FloatingPointError(f"layer {layer} activations overflow float16 storage")
+    return {layer: TokenActivations(values, offsets) for layer, values in out.items()}
+
+
+class ActivationCache:
+    """Activations on disk, keyed by model hash, layer, window, prefix and text fingerprint."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, model_hash: str, layer: int, window: int, prefix: str, texts_fingerprint: str) -> Path:
+        raw = f"{model_hash}|{layer}|{window}|{prefix}|{texts_fingerprint}"
+        return self.root / hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+    def load(self, path: Path) -> TokenActivations | None:
+        if not (path / "offsets.npy").is_file():
+            return None
+        offsets = np.load(path / "offsets.npy")
+        values = np.load(path / "values.npy", mmap_mode="r")
+        if values.shape[0] != offsets[-1]:
+            logger.warning("activation cache %s is inconsistent; recomputing", path)
+            return None
+        return TokenActivations(values, offsets)
+
+    def save(self, path: Path, acts: TokenActivations) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        # values first, offsets last: offsets.npy present means the entry is complete.
+        for name, array in (("values.npy", acts.values), ("offsets.npy", acts.offsets)):
+            tmp = path / f".{name}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
+            os.replace(tmp, path / name)
+
+
+def capture_cached(
+    llm: LoadedLlm,
+    texts: list[str],
+    layers: list[int],
+    texts_fingerprint: str,
+    cache: ActivationCache | None,
+    window: int = 256,
+    batch_size: int = 16,
+    prefix: str = "",
+    progress: bool = False,
+) -> dict[int, TokenActivations]:
+    """`capture`, reading and writing `cache` (if given) per layer."""
+    found: dict[int, TokenActivations] = {}
+    if cache is not None:
+        for layer in layers:
+            hit = cache.load(cache.key(llm.model_hash, layer, window, prefix, texts_fingerprint))
+            if hit is not None:
+                found[layer] = hit
+    missing = [layer for layer in layers if layer not in found]
+    if missing:
+        fresh = capture(llm, texts, missing, window, batch_size, prefix, progress)
+        if cache is not None:
+            for layer, acts in fresh.items():
+                cache.save(cache.key(llm.model_hash, layer, window, prefix, texts_fingerprint), acts)
+        found.update(fresh)
+    return found

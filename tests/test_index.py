@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+
+from ragsae.config import BuildConfig, CaptureConfig
+from ragsae.index import Index, IndexLoadError
+
+from conftest import TOY_DOCS
+
+
+@pytest.fixture
+def built(tiny_build_config, tiny_llm, tmp_path):
+    return Index.build(TOY_DOCS, tmp_path / "idx", tiny_build_config, llm=tiny_llm)
+
+
+def test_build_writes_a_complete_folder(built, tmp_path):
+    names = {p.name for p in (tmp_path / "idx").iterdir()}
+    assert {"manifest.json", "codes.npz", "lengths.npy", "docids.txt", "passages.jsonl", "faiss.index", "sae"} <= names
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["counts"]["passages"] == len(TOY_DOCS)
+    assert manifest["layer"] == 2 and manifest["sae"]["num_latents"] == 128
+    assert {"fvu", "mean_l0", "dead_fraction"} <= set(manifest["sae"]["train"])
+    assert (tmp_path / "idx" / "docids.txt").read_text().split() == [d["_id"] for d in TOY_DOCS]
+    assert not list(tmp_path.glob(".idx*")), "temporary folders must be gone"
+
+
+def test_search_returns_hits_with_latents(built):
+    hits = built.search("comma separated value files", k=3)
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert all(h.score >= hits[-1].score for h in hits)
+    assert hits[0].latents and all(w > 0 for _, w in hits[0].latents)
+    # A passage's own text must retrieve it first in exact sparse scoring.
+    for doc in TOY_DOCS[:4]:
+        assert built.search(doc["title"] + "\n" + doc["text"], k=1)[0].doc_id == doc["_id"]
+
+
+def test_load_round_trip(built, tiny_llm, tmp_path):
+    loaded = Index.load(tmp_path / "idx", llm=tiny_llm)
+    query = "network sockets"
+    for mode in ("sparse", "faiss", "fused"):
+        a = built.search(query, k=4, mode=mode)
+        b = loaded.search(query, k=4, mode=mode)
+        assert [h.passage_id for h in a] == [h.passage_id for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
+
+
+def test_reuse_sae_and_refuse_mismatch(built, tiny_build_config, tiny_llm, tmp_path):
+    again = Index.build(TOY_DOCS[:3], None, tiny_build_config, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
+    assert len(again) == 3
+    other_layer = BuildConfig(tiny_build_config.llm, CaptureConfig(layer=3, window=32, overlap=4),
+                              tiny_build_config.sae, tiny_build_config.scoring)
+    with pytest.raises(IndexLoadError, match="trained on layer 2, the index uses layer 3"):
+        Index.build(TOY_DOCS, None, other_layer, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
+
+
+def test_refuses_other_llm(built, tmp_path, tiny_llm):
+    manifest_path = tmp_path / "idx" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["llm"]["model_hash"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="built with LLM"):
+        Index.load(tmp_path / "idx", llm=tiny_llm)
+
+
+def test_detects_corruption_and_version(built, tmp_path, tiny_llm):
+    folder = tmp_path / "idx"
+    with open(folder / "passages.jsonl", "a") as handle:
+        handle.write("\n")
+    with pytest.raises(IndexLoadError, match=r"passages\.jsonl: checksum mismatch"):
+        Index.load(folder, llm=tiny_llm)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format_version"] = 42
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="format_version 42"):
+        Index.load(folder, llm=tiny_llm)
+    with pytest.raises(IndexLoadError, match="missing"):
+        Index.load(tmp_path / "nowhere", llm=tiny_llm)
+
+
+def test_existing_path_needs_overwrite(built, tiny_build_config, tiny_llm, tmp_path):
+    with pytest.raises(IndexLoadError, match="already exists"):
+        Index.build(TOY_DOCS, tmp_path / "idx", tiny_build_config, llm=tiny_llm)
+    Index.build(TOY_DOCS[:2], tmp_path / "idx", tiny_build_config, llm=tiny_llm, overwrite=True)
+    assert len(Index.load(tmp_path / "idx", llm=tiny_llm)) == 2
+
+
+def test_unknown_layer_and_empty_query(tiny_build_config, tiny_llm, built):
+    bad = BuildConfig(tiny_build_config.llm, CaptureConfig(layer=12), tiny_build_config.sae, tiny_build_config.scoring)
+    with pytest.raises(ValueError, match="layer 12 does not exist"):
+        Index.build(TOY_DOCS, None, bad, llm=tiny_llm)
+    with pytest.raises(ValueError, match="query '0' is empty"):
+        built.search("   ")

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from ragsae.config import ScoringConfig
+from ragsae.encode import pool
+from ragsae.retrieve import (
+    FaissSearcher, Retriever, bm25_document_weights, decoder_vectors, latent_idf, reciprocal_rank_fusion,
+    sparse_search, top_k,
+)
+
+
+def naive_pool(values, indices, offsets, m, pooling):
+    out = np.zeros((len(offsets) - 1, m), dtype=np.float32)
+    for row in range(len(offsets) - 1):
+        for t in range(offsets[row], offsets[row + 1]):
+            for v, j in zip(values[t], indices[t]):
+                if v <= 0:
+                    continue
+                if pooling == "max":
+                    out[row, j] = max(out[row, j], v)
+                elif pooling == "count":
+                    out[row, j] += 1
+                else:
+                    out[row, j] += v
+    return np.log1p(out) if pooling == "log" else out
+
+
+@pytest.mark.parametrize("pooling", ["max", "sum", "log", "count"])
+def test_pool_matches_naive(pooling):
+    rng = np.random.default_rng(0)
+    offsets = np.array([0, 3, 3 + 5, 8 + 1])
+    indices = rng.integers(0, 12, size=(9, 4)).astype(np.int32)
+    values = rng.uniform(-0.5, 2, size=(9, 4)).astype(np.float32)
+    got = pool(values, indices, offsets, 12, pooling)
+    assert isinstance(got, sp.csr_matrix) and got.has_sorted_indices
+    np.testing.assert_allclose(got.toarray(), naive_pool(values, indices, offsets, 12, pooling), rtol=1e-6)
+
+
+def random_codes(n=30, m=20, density=0.2, seed=0):
+    return sp.random(n, m, density=density, format="csr", random_state=seed, dtype=np.float32) * 3
+
+
+def test_bm25_weights_match_formula():
+    codes = random_codes()
+    lengths = np.arange(1, 31, dtype=np.float32)
+    idf = latent_idf(codes)
+    dense = codes.toarray()
+    df = (dense > 0).sum(0)
+    np.testing.assert_allclose(idf, np.log(1 + (30 - df + 0.5) / (df + 0.5)), rtol=1e-5)
+    weights = bm25_document_weights(codes, lengths, idf, 1.2, 0.75, lengths.mean()).toarray()
+    norm = 1.2 * (1 - 0.75 + 0.75 * lengths / lengths.mean())
+    expected = idf * dense * 2.2 / (dense + norm[:, None])
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
+
+
+def test_sparse_search_matches_dense_and_pads():
+    docs, queries = random_codes(), random_codes(n=4, seed=1)
+    scores, ids = sparse_search(queries, docs, 5)
+    dense = queries.toarray() @ docs.toarray().T
+    for q in range(4):
+        np.testing.assert_allclose(scores[q], np.sort(dense[q])[::-1][:5], rtol=1e-5)
+    s, i = top_k(np.array([[0.1, 0.3]]), 4)
+    assert i.tolist() == [[1, 0, -1, -1]] and np.isneginf(s[0, 2:]).all()
+
+
+def test_faiss_matches_numpy_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 16)).astype(np.float32)
+    queries = rng.normal(size=(3, 16)).astype(np.float32)
+    searcher = FaissSearcher.build(vectors, use_gpu=False)
+    scores, ids = searcher.search(queries, 5)
+    expected = np.argsort(-(queries @ vectors.T), axis=1)[:, :5]
+    assert (ids == expected).all()
+    searcher.save(str(tmp_path / "f.index"))
+    again = FaissSearcher.load(str(tmp_path / "f.index"), use_gpu=False)
+    assert (again.search(queries, 5)[1] == ids).all()
+
+
+def test_decoder_vectors_are_unit_norm():
+    w_dec = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    codes = random_codes()
+    norms = np.linalg.norm(decoder_vectors(codes, w_dec), axis=1)
+    empty = np.diff(codes.indptr) == 0
+    assert empty.any() and (norms[empty] == 0).all()  # a passage with no codes stays a zero vector
+    np.testing.assert_allclose(norms[~empty], 1, rtol=1e-5)
+
+
+def test_rrf_rewards_agreement():
+    run_a = (np.zeros((1, 3)), np.array([[1, 2, 3]]))
+    run_b = (np.zeros((1, 3)), np.array([[2, 4, -1]]))
+    scores, ids = reciprocal_rank_fusion([run_a, run_b], [0.5, 0.5], 4)
+    assert ids[0, 0] == 2 and set(ids[0]) == {1, 2, 3, 4}
+    assert scores[0, 0] == pytest.approx(0.5 / 62 + 0.5 / 61)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "faiss", "fused"])
+def test_retriever_modes_find_self(mode):
+    codes = random_codes(n=40, m=64, density=0.1, seed=3)
+    w_dec = np.linalg.qr(np.random.default_rng(0).normal(size=(64, 64)))[0].astype(np.float32)
+    retriever = Retriever(codes, np.full(40, 10.0, dtype=np.float32), w_dec, ScoringConfig(mode=mode))
+    rows = [r for r in range(40) if codes[r].nnz >= 3][:5]
+    scores, ids = retriever.search(codes[rows], 3)
+    assert (ids[:, 0] == rows).all()
+    explained = retriever.explain(codes[rows[0]], rows[0], 2)
+    assert len(explained) == 2 and explained[0][1] >= explained[1][1]

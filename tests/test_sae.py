@@ -1,0 +1,129 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from ragsae.config import SaeConfig
+from ragsae.sae import SaeLoadError, SparseAutoencoder, evaluate_sae, fvu, kl_sparsity, train_sae
+
+
+def synthetic_activations(n=4096, d=32, atoms=64, active=3, seed=0) -> np.ndarray:
+    """Sparse combinations of random unit atoms: an SAE should explain most of the variance."""
+    rng = np.random.default_rng(seed)
+    dictionary = rng.normal(size=(atoms, d))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    codes = np.zeros((n, atoms))
+    for row in range(n):
+        codes[row, rng.choice(atoms, active, replace=False)] = rng.uniform(1, 3, active)
+    return (codes @ dictionary + 5.0).astype(np.float32)  # offset: normalisation must remove it
+
+
+def small_config(**kw) -> SaeConfig:
+    base = dict(num_latents=128, k=4, epochs=4, batch_size=128, lr=3e-3, auxk_k=16, dead_after_tokens=512)
+    base.update(kw)
+    return SaeConfig(**base)
+
+
+def test_decode_matches_dense_reference():
+    sae = SparseAutoencoder(small_config(), 32)
+    x = torch.randn(10, 32)
+    codes = sae.encode(x)
+    assert codes.values.shape == codes.indices.shape == (10, 4)
+    dense = torch.zeros(10, 128).scatter(1, codes.indices, codes.values)
+    assert_close(sae.decode(codes.values, codes.indices), dense @ sae.W_dec + sae.b_dec)
+
+
+def test_encode_keeps_the_k_largest_latents():
+    sae = SparseAutoencoder(small_config(), 32)
+    x = torch.randn(6, 32)
+    acts = sae.pre_acts(sae.normalise(x))
+    codes = sae.encode(x)
+    assert_close(codes.values.sort(1).values, acts.topk(4, dim=1).values.sort(1).values)
+
+
+def test_fvu_and_kl_reference_values():
+    x = torch.randn(50, 8)
+    assert float(fvu(x, x)) == pytest.approx(0.0)
+    assert float(fvu(x, x.mean(0).expand_as(x))) == pytest.approx(1.0, rel=1e-5)
+    rho = 0.05
+    acts = torch.full((4, 3), float(np.arctanh(rho)))  # tanh(acts) averages exactly to rho
+    assert float(kl_sparsity(acts, rho)) == pytest.approx(0.0, abs=1e-5)
+    assert float(kl_sparsity(acts * 4, rho)) > 0.01
+
+
+def test_auxk_loss_only_with_dead_latents():
+    sae = SparseAutoencoder(small_config(), 32)
+    x = torch.randn(16, 32)
+    assert float(sae(x).aux_loss) == 0.0
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[64:] = True
+    out = sae(x, dead_mask=dead)
+    assert float(out.aux_loss) > 0
+    out.aux_loss.backward()
+    assert sae.W_dec.grad[64:].abs().sum() > 0 and sae.W_dec.grad[:64].abs().sum() == 0
+
+
+@pytest.mark.parametrize("architecture", ["relu", "kl"])
+def test_penalised_architectures_have_sparsity_loss(architecture):
+    sae = SparseAutoencoder(small_config(architecture=architecture), 32)
+    out = sae(torch.randn(16, 32))
+    assert float(out.aux_loss) > 0
+    assert out.recon.shape == (16, 32)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu", "kl"])
+def test_training_explains_sparse_data(architecture):
+    data = synthetic_activations()
+    config = small_config(architecture=architecture, epochs=10, lr=1e-2)
+    untrained = SparseAutoencoder(config, 32)
+    untrained.set_normalisation(torch.from_numpy(data))
+    before = evaluate_sae(untrained, data)["fvu"]
+    sae, report = train_sae(data, config)
+    # ReLU/KL codes are capped to k latents when stored, which costs them some variance.
+    assert report.fvu < (0.15 if architecture == "topk" else 0.8 * before), (before, report)
+    assert 0 < report.mean_l0 <= 4
+    assert 0 <= report.dead_fraction < 1
+    assert report.steps == 10 * (4096 // 128)
+    norms = sae.W_dec.norm(dim=1)
+    assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
+
+
+def test_training_is_deterministic():
+    data = synthetic_activations(n=1024)
+    a, _ = train_sae(data, small_config(epochs=1))
+    b, _ = train_sae(data, small_config(epochs=1))
+    assert_close(a.W_enc, b.W_enc)
+
+
+def test_save_load_round_trip(tmp_path):
+    data = synthetic_activations(n=512)
+    sae, _ = train_sae(data, small_config(epochs=1))
+    sae.metadata["layer"] = 3
+    sae.save(tmp_path / "sae")
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.config == sae.config and loaded.metadata["layer"] == 3
+    x = torch.from_numpy(data[:20])
+    assert_close(loaded.encode(x).values, sae.encode(x).values)
+    assert evaluate_sae(loaded, data)["fvu"] == pytest.approx(evaluate_sae(sae, data)["fvu"])
+
+
+def test_load_rejects_corruption_and_versions(tmp_path):
+    sae = SparseAutoencoder(small_config(), 32)
+    folder = tmp_path / "sae"
+    sae.save(folder)
+    weights = folder / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(SaeLoadError, match="checksum mismatch"):
+        SparseAutoencoder.load(folder)
+    sae.save(folder)
+    header = json.loads((folder / "config.json").read_text())
+    header["format_version"] = 99
+    (folder / "config.json").write_text(json.dumps(header))
+    with pytest.raises(SaeLoadError, match="format_version 99"):
+        SparseAutoencoder.load(folder)
+    with pytest.raises(SaeLoadError, match="missing"):
+        SparseAutoencoder.load(tmp_path / "nothing")
