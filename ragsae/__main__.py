@@ -134,6 +134,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, markdown_table, run_benchmark
+
+    bench = BenchConfig(
+        dataset=args.dataset, split=args.split, output_dir=args.output_dir, cache_dir=args.cache_dir,
+        baselines=tuple(b for b in args.baselines.split(",") if b), sae=args.sae, sweep=tuple(args.sweep or ()),
+        build=build_config(args),
+    )
+    result = run_benchmark(bench, progress=True)
+    print(markdown_table(result["rows"], result["collection"]))
+    print(f"wrote {bench.output_dir}/{result['collection']}{'-sweep' if bench.sweep else ''}.json and plots")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragsae",
@@ -187,6 +201,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="rebuild even if the index exists")
     p.add_argument("-k", "--top", type=int, default=3, help="passages given to the LLM (default: 3)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmark ragsae against BM25 and dense retrieval on a BEIR collection",
+                       description="Score ragsae (sparse, faiss, fused) and baselines on DATASET_DIR "
+                                   "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); write JSON, Markdown and plots.")
+    p.add_argument("dataset", help="BEIR-layout folder")
+    p.add_argument("--split", default="test", help="qrels split (default: test)")
+    p.add_argument("--output-dir", default="benchmarks/results", help="where results go (default: benchmarks/results)")
+    p.add_argument("--cache-dir", default="benchmarks/.cache", help="activation/SAE/embedding cache")
+    p.add_argument("--baselines", default="bm25,dense", help="comma list of bm25,dense ('' for none)")
+    p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
+                   help="sweep settings, e.g. layer=4,8,12 k=16,32 latents=4096,8192 pooling=max,sum")
+    add_build_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

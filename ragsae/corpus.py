@@ -24,10 +24,8 @@ class Document:
 
     @property
     def full_text(self) -> str:
-        """Title and body; the title is skipped where the body already starts with it."""
-        if self.title and not self.text.startswith(self.title):
-            return f"{self.title}\n{self.text}"
-        return self.text
+        """Title and body, as BEIR evaluations join them (the title stays even where the body repeats it)."""
+        return f"{self.title}\n{self.text}" if self.title else self.text
 
 
 @dataclass(frozen=True)

