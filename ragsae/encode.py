@@ -73,8 +73,14 @@ def pool(values: np.ndarray, indices: np.ndarray, offsets: np.ndarray, num_laten
 class CodeEncoder:
     """LLM + SAE + pooling: the one path by which documents and queries become codes."""
 
-    def __init__(self, llm: LoadedLlm, sae: SparseAutoencoder, capture: CaptureConfig, pooling: str,
-                 cache: ActivationCache | None = None):
+    def __init__(
+        self,
+        llm: LoadedLlm,
+        sae: SparseAutoencoder,
+        capture: CaptureConfig,
+        pooling: str,
+        cache: ActivationCache | None = None,
+    ):
         self.llm = llm
         self.sae = sae
         self.capture = capture

@@ -60,8 +60,10 @@ def format_passages(hits: list[Hit], tokenizer: Any, max_passage_tokens: int) ->
 
 def build_prompt(question: str, hits: list[Hit], tokenizer: Any, max_passage_tokens: int = 200) -> str:
     """Chat-formatted prompt (when the tokenizer has a template) holding passages and question."""
-    user = f"Passages:\n\n{format_passages(hits, tokenizer, max_passage_tokens)}\n\nQuestion: {question}\n" \
-           "Answer briefly and cite passage numbers like [1]."
+    user = (
+        f"Passages:\n\n{format_passages(hits, tokenizer, max_passage_tokens)}\n\nQuestion: {question}\n"
+        "Answer briefly and cite passage numbers like [1]."
+    )
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

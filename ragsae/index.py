@@ -41,8 +41,6 @@ class IndexLoadError(ValueError):
     """An index that cannot be built or loaded as asked; the message says which file or field."""
 
 
-
-
 def library_versions() -> dict[str, str]:
     import faiss
     import scipy
@@ -78,9 +76,16 @@ class Index:
     Build with `Index.build(corpus)`, reopen with `Index.load(path)`, query with `search`.
     """
 
-    def __init__(self, encoder: CodeEncoder, passages: list[Passage], pooled: PooledCodes, config: BuildConfig,
-                 faiss_searcher: FaissSearcher | None = None, path: Path | None = None,
-                 sae_report: TrainReport | None = None):
+    def __init__(
+        self,
+        encoder: CodeEncoder,
+        passages: list[Passage],
+        pooled: PooledCodes,
+        config: BuildConfig,
+        faiss_searcher: FaissSearcher | None = None,
+        path: Path | None = None,
+        sae_report: TrainReport | None = None,
+    ):
         self.encoder = encoder
         self.passages = passages
         self.pooled = pooled
@@ -139,8 +144,11 @@ class Index:
             acts = encoder.activations([p.text for p in passages], progress=progress)
             trained, report = train_sae(acts.values, config.sae, llm.device, progress)
             trained.metadata.update(
-                llm_id=llm.model_id, llm_hash=llm.model_hash, layer=config.capture.layer,
-                train_fingerprint=fingerprint(p.text for p in passages), train_passages=len(passages),
+                llm_id=llm.model_id,
+                llm_hash=llm.model_hash,
+                layer=config.capture.layer,
+                train_fingerprint=fingerprint(p.text for p in passages),
+                train_passages=len(passages),
             )
             encoder.sae = trained.to(llm.device).eval()
         else:
@@ -164,7 +172,9 @@ class Index:
         """Top-k passages for one query, with scores, document ids and contributing latents."""
         return self.batch_search([query], k, mode)["0"]
 
-    def batch_search(self, queries: dict[str, str] | list[str], k: int = 10, mode: str | None = None) -> dict[str, list[Hit]]:
+    def batch_search(
+        self, queries: dict[str, str] | list[str], k: int = 10, mode: str | None = None
+    ) -> dict[str, list[Hit]]:
         """Top-k passages per query; `queries` is {qid: text} or a list (qids are positions)."""
         if isinstance(queries, list):
             queries = {str(i): q for i, q in enumerate(queries)}
@@ -214,10 +224,17 @@ class Index:
             "llm": {"model_id": self.llm.model_id, "model_hash": self.llm.model_hash, **to_dict(self.config.llm)},
             "layer": self.config.capture.layer,
             "config": to_dict(self.config),
-            "sae": {"weights_sha256": sae_hash, "architecture": self.sae.config.architecture,
-                    "num_latents": self.sae.num_latents, "k": self.sae.config.k},
-            "counts": {"passages": len(self.passages), "documents": len({p.doc_id for p in self.passages}),
-                       "nonzeros": int(self.pooled.codes.nnz)},
+            "sae": {
+                "weights_sha256": sae_hash,
+                "architecture": self.sae.config.architecture,
+                "num_latents": self.sae.num_latents,
+                "k": self.sae.config.k,
+            },
+            "counts": {
+                "passages": len(self.passages),
+                "documents": len({p.doc_id for p in self.passages}),
+                "nonzeros": int(self.pooled.codes.nnz),
+            },
             "files": {name: file_sha256(tmp / name) for name in CHECKED_FILES},
         }
         if self.sae_report is not None:
@@ -243,15 +260,18 @@ class Index:
             raise IndexLoadError(f"{manifest_path}: malformed JSON ({error.msg} at line {error.lineno})") from None
         version = manifest.get("format_version")
         if version != INDEX_FORMAT_VERSION:
-            raise IndexLoadError(f"{manifest_path}: format_version {version!r}; this ragsae reads {INDEX_FORMAT_VERSION}")
+            raise IndexLoadError(
+                f"{manifest_path}: format_version {version!r}; this ragsae reads {INDEX_FORMAT_VERSION}"
+            )
         for key in ("llm", "layer", "config", "sae", "counts", "files"):
             if key not in manifest:
                 raise IndexLoadError(f"{manifest_path}: missing field {key!r}")
         return manifest
 
     @classmethod
-    def load(cls, path: str | Path, llm: LoadedLlm | None = None, mode: str | None = None,
-             device: str | None = None) -> Index:
+    def load(
+        cls, path: str | Path, llm: LoadedLlm | None = None, mode: str | None = None, device: str | None = None
+    ) -> Index:
         """Open an index folder, verifying checksums, shapes, the SAE and the LLM against the manifest."""
         path = Path(path)
         manifest = cls.read_manifest(path)
@@ -263,9 +283,19 @@ class Index:
                 raise IndexLoadError(f"{file}: checksum mismatch with {MANIFEST_FILE} (corrupted or edited)")
         config = BuildConfig.from_dict(manifest["config"])
         if mode is not None:
-            config = BuildConfig(config.llm, config.capture, config.sae, from_dict(ScoringConfig, {**to_dict(config.scoring), "mode": mode}))
+            config = BuildConfig(
+                config.llm,
+                config.capture,
+                config.sae,
+                from_dict(ScoringConfig, {**to_dict(config.scoring), "mode": mode}),
+            )
         if device is not None:
-            config = BuildConfig(from_dict(LlmConfig, {**to_dict(config.llm), "device": device}), config.capture, config.sae, config.scoring)
+            config = BuildConfig(
+                from_dict(LlmConfig, {**to_dict(config.llm), "device": device}),
+                config.capture,
+                config.sae,
+                config.scoring,
+            )
         sae = SparseAutoencoder.load(path / SAE_DIR)
         sae_hash = manifest["sae"]["weights_sha256"]
         if sae.metadata is None or file_sha256(path / SAE_DIR / "model.safetensors") != sae_hash:
@@ -283,7 +313,12 @@ class Index:
         with open(path / PASSAGES_FILE, encoding="utf-8") as handle:
             passages = [Passage.from_json(json.loads(line)) for line in handle]
         n = manifest["counts"]["passages"]
-        shapes = {CODES_FILE: codes.shape[0], LENGTHS_FILE: len(lengths), DOCIDS_FILE: len(docids), PASSAGES_FILE: len(passages)}
+        shapes = {
+            CODES_FILE: codes.shape[0],
+            LENGTHS_FILE: len(lengths),
+            DOCIDS_FILE: len(docids),
+            PASSAGES_FILE: len(passages),
+        }
         for name, rows in shapes.items():
             if rows != n:
                 raise IndexLoadError(f"{path / name}: {rows} rows, manifest counts {n} passages")
@@ -293,7 +328,10 @@ class Index:
             raise IndexLoadError(f"{path / DOCIDS_FILE}: ids disagree with {PASSAGES_FILE}")
         searcher = FaissSearcher.load(str(path / FAISS_FILE))
         if searcher.index.ntotal != n or searcher.index.d != sae.d_model:
-            raise IndexLoadError(f"{path / FAISS_FILE}: {searcher.index.ntotal} vectors of dim {searcher.index.d}, expected {n} of {sae.d_model}")
+            raise IndexLoadError(
+                f"{path / FAISS_FILE}: {searcher.index.ntotal} vectors of dim {searcher.index.d}, "
+                f"expected {n} of {sae.d_model}"
+            )
         encoder = CodeEncoder(llm, sae.to(llm.device), config.capture, config.scoring.pooling)
         return cls(encoder, passages, PooledCodes(codes, lengths), config, searcher, path)
 
@@ -304,12 +342,14 @@ class Index:
             "path": str(self.path) if self.path else None,
             "llm": self.llm.model_id,
             "layer": self.config.capture.layer,
-            "sae": {"architecture": self.sae.config.architecture, "num_latents": self.sae.num_latents, "k": self.sae.config.k,
-                    **({"train": self.sae.metadata["train"]} if "train" in self.sae.metadata else {})},
+            "sae": {
+                "architecture": self.sae.config.architecture,
+                "num_latents": self.sae.num_latents,
+                "k": self.sae.config.k,
+                **({"train": self.sae.metadata["train"]} if "train" in self.sae.metadata else {}),
+            },
             "passages": len(self.passages),
             "documents": len({p.doc_id for p in self.passages}),
             "mean_active_latents_per_passage": float(codes.nnz / max(1, codes.shape[0])),
             "scoring": to_dict(self.config.scoring),
         }
-
-

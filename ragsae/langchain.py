@@ -31,8 +31,13 @@ def make_retriever(index: Any, k: int = 4, mode: str | None = None) -> Any:
             return [
                 Document(
                     page_content=hit.text,
-                    metadata={"passage_id": hit.passage_id, "doc_id": hit.doc_id, "score": hit.score,
-                              "rank": hit.rank, "latents": [[j, w] for j, w in hit.latents]},
+                    metadata={
+                        "passage_id": hit.passage_id,
+                        "doc_id": hit.doc_id,
+                        "score": hit.score,
+                        "rank": hit.rank,
+                        "latents": [[j, w] for j, w in hit.latents],
+                    },
                 )
                 for hit in self.index.search(query, self.k, self.mode)
             ]

@@ -63,8 +63,10 @@ def model_fingerprint(config: LlmConfig) -> tuple[str, str]:
         return DEFAULT_MODEL_ID, file_sha256(path)
     local = Path(config.model)
     if local.is_dir():
-        files = [local / config.gguf_file] if config.gguf_file else sorted(
-            p for p in local.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json")
+        files = (
+            [local / config.gguf_file]
+            if config.gguf_file
+            else sorted(p for p in local.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json"))
         )
         digest = hashlib.sha256()
         for path in files:
@@ -127,5 +129,3 @@ def load_llm(config: LlmConfig | None = None) -> LoadedLlm:
         tokenizer.pad_token = tokenizer.eos_token
     model_id, model_hash = model_fingerprint(config)
     return LoadedLlm(model, tokenizer, model_id, model_hash, device)
-
-

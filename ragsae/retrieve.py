@@ -34,8 +34,9 @@ def latent_idf(codes: sp.csr_matrix) -> np.ndarray:
     return np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
 
 
-def bm25_document_weights(codes: sp.csr_matrix, lengths: np.ndarray, idf: np.ndarray, k1: float, b: float,
-                          avg_length: float) -> sp.csr_matrix:
+def bm25_document_weights(
+    codes: sp.csr_matrix, lengths: np.ndarray, idf: np.ndarray, k1: float, b: float, avg_length: float
+) -> sp.csr_matrix:
     """Per-passage latent weights idf * tf (k1 + 1) / (tf + k1 (1 - b + b len / avglen)), with tf = pooled code."""
     weights = codes.copy().astype(np.float32)
     row_norm = k1 * (1 - b + b * lengths / avg_length)
@@ -77,8 +78,9 @@ def decoder_vectors(weights: sp.csr_matrix, w_dec: np.ndarray) -> np.ndarray:
     return dense / np.maximum(norms, 1e-12)
 
 
-def reciprocal_rank_fusion(runs: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: int,
-                           constant: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+def reciprocal_rank_fusion(
+    runs: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: int, constant: float = 60.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted RRF (Cormack et al. 2009) of several (scores, ids) runs; returns the fused best k."""
     nq = runs[0][1].shape[0]
     fused_scores = np.full((nq, k), -np.inf, dtype=np.float64)
@@ -144,8 +146,14 @@ def to_gpu_if_available(index: Any) -> Any:
 class Retriever:
     """Scores pooled query codes against an index's passage codes in the configured mode."""
 
-    def __init__(self, codes: sp.csr_matrix, lengths: np.ndarray, w_dec: np.ndarray, config: ScoringConfig,
-                 faiss_searcher: FaissSearcher | None = None):
+    def __init__(
+        self,
+        codes: sp.csr_matrix,
+        lengths: np.ndarray,
+        w_dec: np.ndarray,
+        config: ScoringConfig,
+        faiss_searcher: FaissSearcher | None = None,
+    ):
         self.config = config
         self.idf = latent_idf(codes)
         self.avg_length = float(lengths.mean())

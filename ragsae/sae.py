@@ -121,13 +121,18 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SaeOutput:
         """Reconstruction, codes, FVU and the auxiliary/sparsity loss for raw inputs (n, d_model)."""
         xn = self.normalise(x)
-        acts = self.pre_acts(xn)
         cfg = self.config
-        values, indices = acts.topk(cfg.k, dim=1, sorted=False)
         if cfg.architecture == "topk":
+            # Select latents without autograd, then recompute only the chosen k with it: the
+            # backward pass costs O(n k d) instead of O(n num_latents d) (as EleutherAI/sparsify).
+            with torch.no_grad():
+                indices = self.pre_acts(xn).topk(cfg.k, dim=1, sorted=False).indices
+            values = self.encode_selected(xn, indices)
             recon = self.decode(values, indices)
-            aux = self._auxk_loss(xn, recon, acts, dead_mask)
+            aux = self._auxk_loss(xn, recon, dead_mask)
         else:
+            acts = self.pre_acts(xn)
+            values, indices = acts.topk(cfg.k, dim=1, sorted=False)
             recon = acts @ self.W_dec + self.b_dec
             if cfg.architecture == "relu":
                 # L1 on activations weighted by decoder norms (unit here), per token.
@@ -136,16 +141,21 @@ class SparseAutoencoder(nn.Module):
                 aux = cfg.kl_coef * kl_sparsity(acts, cfg.kl_target)
         return SaeOutput(recon, values, indices, fvu(xn, recon), aux)
 
-    def _auxk_loss(
-        self, xn: torch.Tensor, recon: torch.Tensor, acts: torch.Tensor, dead_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def encode_selected(self, xn: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(n, k) activations of the given latents of normalised inputs (differentiable)."""
+        w = self.W_enc.t()[indices]  # (n, k, d_model)
+        return F.relu(torch.einsum("nd,nkd->nk", xn - self.b_dec, w) + self.b_enc[indices])
+
+    def _auxk_loss(self, xn: torch.Tensor, recon: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
+        """Dead latents reconstruct the residual (AuxK, Gao et al. 2024), which gives them gradient."""
         if dead_mask is None or not bool(dead_mask.any()) or self.config.auxk_coef == 0:
             return recon.new_zeros(())
-        k_aux = min(self.config.auxk_k, int(dead_mask.sum()))
-        dead_acts = acts.masked_fill(~dead_mask, 0.0)
-        values, indices = dead_acts.topk(k_aux, dim=1, sorted=False)
+        dead = dead_mask.nonzero().squeeze(1)
+        k_aux = min(self.config.auxk_k, len(dead))
+        dead_acts = F.relu((xn - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead])
+        values, local = dead_acts.topk(k_aux, dim=1, sorted=False)
         residual = (xn - recon).detach()
-        aux_recon = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        aux_recon = F.embedding_bag(dead[local], self.W_dec, per_sample_weights=values, mode="sum")
         return self.config.auxk_coef * fvu(residual, aux_recon).nan_to_num(0.0)
 
     @torch.no_grad()
@@ -315,14 +325,17 @@ def train_sae(
     seconds = time.perf_counter() - start
     sae.eval()
     stats = evaluate_sae(sae, data, device)
-    report = TrainReport(stats["fvu"], stats["mean_l0"], stats["dead_fraction"], total, n * config.epochs, seconds, losses)
+    report = TrainReport(
+        stats["fvu"], stats["mean_l0"], stats["dead_fraction"], total, n * config.epochs, seconds, losses
+    )
     sae.metadata["train"] = report.to_json()
     return sae.cpu(), report
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SparseAutoencoder, data: torch.Tensor | np.ndarray, device: str | torch.device = "cpu",
-                 batch_size: int = 4096) -> dict[str, float]:
+def evaluate_sae(
+    sae: SparseAutoencoder, data: torch.Tensor | np.ndarray, device: str | torch.device = "cpu", batch_size: int = 4096
+) -> dict[str, float]:
     """FVU (of the stored, k-capped codes), mean L0 and dead-latent fraction over `data`."""
     data = torch.as_tensor(np.asarray(data)) if isinstance(data, np.ndarray) else data
     sae = sae.to(device)

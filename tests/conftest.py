@@ -49,9 +49,16 @@ def tiny_llm_dir(tmp_path_factory, tokenizer) -> Path:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
     )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -99,7 +106,9 @@ def msmarco_slice(folder: Path, n_queries: int, max_judged: int, fillers: int) -
     kept_rows = [r for r in qrels_rows if r.split("\t")[0] in qids]
     judged = {r.split("\t")[1] for r in kept_rows}
     corpus = [json.loads(line) for line in open(source / "corpus.jsonl", encoding="utf-8")]
-    chosen = [d for d in corpus if d["_id"] in judged][:max_judged] + [d for d in corpus if d["_id"] not in judged][:fillers]
+    chosen = [d for d in corpus if d["_id"] in judged][:max_judged] + [d for d in corpus if d["_id"] not in judged][
+        :fillers
+    ]
     ids = {d["_id"] for d in chosen}
     (folder / "qrels").mkdir(parents=True)
     (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chosen))

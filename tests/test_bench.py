@@ -7,7 +7,6 @@ from ragsae.bench import BenchConfig, apply_setting, evaluate, load_beir, parse_
 from ragsae.config import BuildConfig
 
 
-
 def test_evaluate_matches_hand_computed_values():
     qrels = {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 2}}
     run = {"q1": {"d2": 2.0, "d1": 1.0}, "q2": {}}
@@ -27,8 +26,12 @@ def test_document_run_keeps_best_passage():
 
 def test_sweep_parsing_and_validation():
     settings = parse_sweep(["layer=4,8", "pooling=max,sum"])
-    assert settings == [{"layer": 4, "pooling": "max"}, {"layer": 4, "pooling": "sum"},
-                        {"layer": 8, "pooling": "max"}, {"layer": 8, "pooling": "sum"}]
+    assert settings == [
+        {"layer": 4, "pooling": "max"},
+        {"layer": 4, "pooling": "sum"},
+        {"layer": 8, "pooling": "max"},
+        {"layer": 8, "pooling": "sum"},
+    ]
     config = apply_setting(BuildConfig(), {"layer": 4, "latents": 1024, "k": 16})
     assert (config.capture.layer, config.sae.num_latents, config.sae.k) == (4, 1024, 16)
     with pytest.raises(ValueError, match="expected NAME=V1,V2"):
@@ -43,12 +46,30 @@ def test_harness_on_tiny_collection(tiny_collection, tiny_build_config, tmp_path
     import bm25s
     import ir_measures
 
-    bench = BenchConfig(dataset=str(tiny_collection), output_dir=str(tmp_path / "out"),
-                        cache_dir=str(tmp_path / "cache"), latency_queries=2, build=tiny_build_config)
+    bench = BenchConfig(
+        dataset=str(tiny_collection),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        latency_queries=2,
+        build=tiny_build_config,
+    )
     result = run_benchmark(bench)
     saved = json.loads((tmp_path / "out" / "tiny.json").read_text())
-    for key in ("collection", "dataset", "documents", "queries", "created", "command", "git_commit", "machine",
-                "versions", "seed", "bench_config", "wall_seconds", "rows"):
+    for key in (
+        "collection",
+        "dataset",
+        "documents",
+        "queries",
+        "created",
+        "command",
+        "git_commit",
+        "machine",
+        "versions",
+        "seed",
+        "bench_config",
+        "wall_seconds",
+        "rows",
+    ):
         assert key in saved, key
     methods = [row["method"] for row in saved["rows"]]
     assert methods == ["ragsae-sparse", "ragsae-faiss", "ragsae-fused", "bm25", "dense-minilm"]
@@ -60,10 +81,13 @@ def test_harness_on_tiny_collection(tiny_collection, tiny_build_config, tmp_path
         assert {"p50_ms", "p95_ms", "batch_queries_per_s"} <= set(row["latency"])
         assert row["index_bytes"]["disk_per_passage"] > 0
     sparse = saved["rows"][0]
-    for section, keys in {"capture": ("passages_per_s", "tokens_per_s", "seconds"),
-                          "sae": ("fvu", "mean_l0", "dead_fraction", "train_seconds"),
-                          "sae_encode": ("tokens_per_s",), "index_bytes": ("disk", "memory"),
-                          "active_latents": ("per_passage", "per_query")}.items():
+    for section, keys in {
+        "capture": ("passages_per_s", "tokens_per_s", "seconds"),
+        "sae": ("fvu", "mean_l0", "dead_fraction", "train_seconds"),
+        "sae_encode": ("tokens_per_s",),
+        "index_bytes": ("disk", "memory"),
+        "active_latents": ("per_passage", "per_query"),
+    }.items():
         for key in keys:
             assert sparse[section][key] is not None, (section, key)
     assert len(result["plots"]) == 3 and all((tmp_path / "out" / p.split("/")[-1]).is_file() for p in result["plots"])
@@ -72,11 +96,17 @@ def test_harness_on_tiny_collection(tiny_collection, tiny_build_config, tmp_path
     # BM25 figures equal ir-measures on a run computed here independently.
     documents, queries, qrels = load_beir(tiny_collection)
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([d.full_text for d in documents], stopwords="en", show_progress=False),
-                    show_progress=False)
-    ids, scores = retriever.retrieve(bm25s.tokenize(list(queries.values()), stopwords="en", show_progress=False),
-                                     k=len(documents), show_progress=False)
-    run = {qid: {documents[i].doc_id: float(s) for i, s in zip(ids[row], scores[row])} for row, qid in enumerate(queries)}
+    retriever.index(
+        bm25s.tokenize([d.full_text for d in documents], stopwords="en", show_progress=False), show_progress=False
+    )
+    ids, scores = retriever.retrieve(
+        bm25s.tokenize(list(queries.values()), stopwords="en", show_progress=False),
+        k=len(documents),
+        show_progress=False,
+    )
+    run = {
+        qid: {documents[i].doc_id: float(s) for i, s in zip(ids[row], scores[row])} for row, qid in enumerate(queries)
+    }
     expected = ir_measures.calc_aggregate([ir_measures.parse_measure("nDCG@10")], qrels, run)
     assert saved["rows"][3]["metrics"]["nDCG@10"] == pytest.approx(list(expected.values())[0])
 

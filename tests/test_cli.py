@@ -27,8 +27,22 @@ def test_build_search_info_on_tiny_model(tiny_llm_dir, tmp_path, capsys):
     corpus.mkdir()
     for name, text in {"a.txt": "alpha beta gamma", "b.md": "delta epsilon", "c.txt": "zeta eta theta"}.items():
         (corpus / name).write_text(text)
-    args = ["build", str(corpus), "-o", str(tmp_path / "idx"), "--model", str(tiny_llm_dir), "--layer", "1",
-            "--num-latents", "64", "-k", "4", "--epochs", "1"]
+    args = [
+        "build",
+        str(corpus),
+        "-o",
+        str(tmp_path / "idx"),
+        "--model",
+        str(tiny_llm_dir),
+        "--layer",
+        "1",
+        "--num-latents",
+        "64",
+        "-k",
+        "4",
+        "--epochs",
+        "1",
+    ]
     # Three passages are fewer tokens than one SAE batch: the error must say so.
     assert main(args) == 2
     assert "training tokens" in capsys.readouterr().err

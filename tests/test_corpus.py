@@ -3,7 +3,13 @@ import json
 import pytest
 
 from ragsae.corpus import (
-    CorpusError, Document, fingerprint, load_documents, read_qrels, read_queries, split_passages,
+    CorpusError,
+    Document,
+    fingerprint,
+    load_documents,
+    read_qrels,
+    read_queries,
+    split_passages,
 )
 
 

@@ -1,13 +1,12 @@
 """The real bundled SmolLM2 on real msmarco-5k passages: build, save, load, search, ask, evaluate."""
 
 import pytest
+from conftest import msmarco_slice
 
 from ragsae.bench import evaluate, load_beir
 from ragsae.config import BuildConfig, SaeConfig
 from ragsae.generate import RAG
 from ragsae.index import Index
-
-from conftest import msmarco_slice
 
 pytestmark = pytest.mark.slow
 

@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TOY_DOCS
 
 from ragsae.config import BuildConfig, CaptureConfig
 from ragsae.index import Index, IndexLoadError
-
-from conftest import TOY_DOCS
 
 
 @pytest.fixture
@@ -48,8 +47,12 @@ def test_load_round_trip(built, tiny_llm, tmp_path):
 def test_reuse_sae_and_refuse_mismatch(built, tiny_build_config, tiny_llm, tmp_path):
     again = Index.build(TOY_DOCS[:3], None, tiny_build_config, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
     assert len(again) == 3
-    other_layer = BuildConfig(tiny_build_config.llm, CaptureConfig(layer=3, window=32, overlap=4),
-                              tiny_build_config.sae, tiny_build_config.scoring)
+    other_layer = BuildConfig(
+        tiny_build_config.llm,
+        CaptureConfig(layer=3, window=32, overlap=4),
+        tiny_build_config.sae,
+        tiny_build_config.scoring,
+    )
     with pytest.raises(IndexLoadError, match="trained on layer 2, the index uses layer 3"):
         Index.build(TOY_DOCS, None, other_layer, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
 

@@ -1,9 +1,8 @@
 import pytest
+from conftest import TOY_DOCS
 
 from ragsae.index import Index
 from ragsae.langchain import make_retriever
-
-from conftest import TOY_DOCS
 
 pytest.importorskip("langchain_core")
 

@@ -65,8 +65,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     workdir.mkdir()
 
-    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                                     resources={"metadata": {"path": str(workdir)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute()  # raises CellExecutionError if any cell fails
 
     for cell in nb.cells:

@@ -5,8 +5,14 @@ import scipy.sparse as sp
 from ragsae.config import ScoringConfig
 from ragsae.encode import pool
 from ragsae.retrieve import (
-    FaissSearcher, Retriever, bm25_document_weights, decoder_vectors, latent_idf, reciprocal_rank_fusion,
-    sparse_search, top_k,
+    FaissSearcher,
+    Retriever,
+    bm25_document_weights,
+    decoder_vectors,
+    latent_idf,
+    reciprocal_rank_fusion,
+    sparse_search,
+    top_k,
 )
 
 
