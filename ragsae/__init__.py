@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig  # noqa: E402
 from .corpus import CorpusError, Document, Passage, load_documents  # noqa: E402
 from .generate import RAG, Answer  # noqa: E402
-from .index import Index, IndexLoadError  # noqa: E402
+from .index import Index, IndexFolderError  # noqa: E402
 from .llm import load_llm  # noqa: E402
 from .retrieve import Hit  # noqa: E402
 from .sae import SaeLoadError, SparseAutoencoder, TopK, train_sae  # noqa: E402
@@ -18,7 +18,7 @@ __all__ = [
     "Document",
     "Hit",
     "Index",
-    "IndexLoadError",
+    "IndexFolderError",
     "LlmConfig",
     "Passage",
     "RAG",

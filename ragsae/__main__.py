@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .sae import train_sae
 
     config = build_config(args)
-    llm = load_llm(config.llm)
+    llm = load_llm(config.llm, progress=True)
     passages = split_passages(
         load_documents(args.corpus, args.skip_empty), llm.tokenizer, config.capture.window, config.capture.overlap
     )

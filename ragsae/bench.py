@@ -499,7 +499,7 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
     torch.manual_seed(bench.build.sae.seed)
     collection = Path(bench.dataset).resolve().name
     documents, queries, qrels = load_beir(bench.dataset, bench.split)
-    llm = load_llm(bench.build.llm)
+    llm = load_llm(bench.build.llm, progress)
     started = time.perf_counter()
     settings = parse_sweep(bench.sweep) if bench.sweep else [{}]
     rows: list[dict[str, Any]] = []

@@ -37,8 +37,14 @@ SAE_DIR = "sae"
 CHECKED_FILES = (CODES_FILE, LENGTHS_FILE, DOCIDS_FILE, PASSAGES_FILE, FAISS_FILE)
 
 
-class IndexLoadError(ValueError):
-    """An index that cannot be built or loaded as asked; the message says which file or field."""
+class IndexFolderError(ValueError):
+    """An index folder that cannot be written or read as asked; the message names the file or field."""
+
+
+def occupied(path: str | Path) -> bool:
+    """True when `path` exists and is not an empty folder (an empty folder may be built into)."""
+    path = Path(path)
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
 
 
 def library_versions() -> dict[str, str]:
@@ -59,15 +65,15 @@ def library_versions() -> dict[str, str]:
 def check_sae_matches(sae: SparseAutoencoder, llm: LoadedLlm, layer: int, source: str) -> None:
     """Refuse an SAE trained on another LLM, layer or width."""
     if sae.d_model != llm.d_model:
-        raise IndexLoadError(f"SAE {source}: d_model {sae.d_model} but {llm.model_id} has hidden size {llm.d_model}")
+        raise IndexFolderError(f"SAE {source}: d_model {sae.d_model} but {llm.model_id} has hidden size {llm.d_model}")
     meta = sae.metadata
     if meta.get("llm_hash") not in (None, llm.model_hash):
-        raise IndexLoadError(
+        raise IndexFolderError(
             f"SAE {source} was trained on {meta.get('llm_id')} (hash {str(meta.get('llm_hash'))[:12]}), "
             f"not on {llm.model_id} (hash {llm.model_hash[:12]})"
         )
     if meta.get("layer") not in (None, layer):
-        raise IndexLoadError(f"SAE {source} was trained on layer {meta.get('layer')}, the index uses layer {layer}")
+        raise IndexFolderError(f"SAE {source} was trained on layer {meta.get('layer')}, the index uses layer {layer}")
 
 
 class Index:
@@ -129,10 +135,10 @@ class Index:
             cache_dir: where to cache captured activations (None: no cache).
         """
         config = config or BuildConfig()
-        if path is not None and Path(path).exists() and not overwrite:
-            raise IndexLoadError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+        if path is not None and occupied(path) and not overwrite:
+            raise IndexFolderError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
         documents = load_documents(corpus, skip_empty=skip_empty)
-        llm = llm or load_llm(config.llm)
+        llm = llm or load_llm(config.llm, progress)
         check_layer(llm, config.capture.layer)
         passages = split_passages(documents, llm.tokenizer, config.capture.window, config.capture.overlap)
         logger.info("%d documents -> %d passages", len(documents), len(passages))
@@ -175,7 +181,10 @@ class Index:
     def batch_search(
         self, queries: dict[str, str] | list[str], k: int = 10, mode: str | None = None
     ) -> dict[str, list[Hit]]:
-        """Top-k passages per query; `queries` is {qid: text} or a list (qids are positions)."""
+        """Top-k passages per query; `queries` is {qid: text} or a list (then qids are "0", "1", ...).
+
+        `Hit.latents` always explains the exact sparse score, whatever the mode ranked by.
+        """
         if isinstance(queries, list):
             queries = {str(i): q for i, q in enumerate(queries)}
         if not queries:
@@ -202,8 +211,8 @@ class Index:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the index folder atomically: a temporary sibling folder, then a rename."""
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise IndexLoadError(f"{path}: already exists (pass overwrite=True to replace it)")
+        if occupied(path) and not overwrite:
+            raise IndexFolderError(f"{path}: already exists (pass overwrite=True to replace it)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -253,19 +262,19 @@ class Index:
         """The validated manifest of an index folder."""
         manifest_path = Path(path) / MANIFEST_FILE
         if not manifest_path.is_file():
-            raise IndexLoadError(f"{manifest_path}: missing (is {path} a ragsae index?)")
+            raise IndexFolderError(f"{manifest_path}: missing (is {path} a ragsae index?)")
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as error:
-            raise IndexLoadError(f"{manifest_path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+            raise IndexFolderError(f"{manifest_path}: malformed JSON ({error.msg} at line {error.lineno})") from None
         version = manifest.get("format_version")
         if version != INDEX_FORMAT_VERSION:
-            raise IndexLoadError(
+            raise IndexFolderError(
                 f"{manifest_path}: format_version {version!r}; this ragsae reads {INDEX_FORMAT_VERSION}"
             )
         for key in ("llm", "layer", "config", "sae", "counts", "files"):
             if key not in manifest:
-                raise IndexLoadError(f"{manifest_path}: missing field {key!r}")
+                raise IndexFolderError(f"{manifest_path}: missing field {key!r}")
         return manifest
 
     @classmethod
@@ -278,9 +287,9 @@ class Index:
         for name, digest in manifest["files"].items():
             file = path / name
             if not file.is_file():
-                raise IndexLoadError(f"{file}: missing")
+                raise IndexFolderError(f"{file}: missing")
             if file_sha256(file) != digest:
-                raise IndexLoadError(f"{file}: checksum mismatch with {MANIFEST_FILE} (corrupted or edited)")
+                raise IndexFolderError(f"{file}: checksum mismatch with {MANIFEST_FILE} (corrupted or edited)")
         config = BuildConfig.from_dict(manifest["config"])
         if mode is not None:
             config = BuildConfig(
@@ -299,10 +308,10 @@ class Index:
         sae = SparseAutoencoder.load(path / SAE_DIR)
         sae_hash = manifest["sae"]["weights_sha256"]
         if sae.metadata is None or file_sha256(path / SAE_DIR / "model.safetensors") != sae_hash:
-            raise IndexLoadError(f"{path / SAE_DIR}: SAE weights do not match the manifest's sae.weights_sha256")
+            raise IndexFolderError(f"{path / SAE_DIR}: SAE weights do not match the manifest's sae.weights_sha256")
         llm = llm or load_llm(config.llm)
         if llm.model_hash != manifest["llm"]["model_hash"]:
-            raise IndexLoadError(
+            raise IndexFolderError(
                 f"{path}: built with LLM {manifest['llm']['model_id']} (hash {manifest['llm']['model_hash'][:12]}), "
                 f"but {llm.model_id} (hash {llm.model_hash[:12]}) was given"
             )
@@ -321,14 +330,14 @@ class Index:
         }
         for name, rows in shapes.items():
             if rows != n:
-                raise IndexLoadError(f"{path / name}: {rows} rows, manifest counts {n} passages")
+                raise IndexFolderError(f"{path / name}: {rows} rows, manifest counts {n} passages")
         if codes.shape[1] != sae.num_latents:
-            raise IndexLoadError(f"{path / CODES_FILE}: {codes.shape[1]} latent columns, SAE has {sae.num_latents}")
+            raise IndexFolderError(f"{path / CODES_FILE}: {codes.shape[1]} latent columns, SAE has {sae.num_latents}")
         if [p.passage_id for p in passages] != docids:
-            raise IndexLoadError(f"{path / DOCIDS_FILE}: ids disagree with {PASSAGES_FILE}")
+            raise IndexFolderError(f"{path / DOCIDS_FILE}: ids disagree with {PASSAGES_FILE}")
         searcher = FaissSearcher.load(str(path / FAISS_FILE))
         if searcher.index.ntotal != n or searcher.index.d != sae.d_model:
-            raise IndexLoadError(
+            raise IndexFolderError(
                 f"{path / FAISS_FILE}: {searcher.index.ntotal} vectors of dim {searcher.index.d}, "
                 f"expected {n} of {sae.d_model}"
             )

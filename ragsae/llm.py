@@ -109,9 +109,10 @@ class LoadedLlm:
         raise TypeError(f"cannot find the transformer blocks of {type(self.model).__name__}")
 
 
-def load_llm(config: LlmConfig | None = None) -> LoadedLlm:
+def load_llm(config: LlmConfig | None = None, progress: bool = False) -> LoadedLlm:
     """Load tokenizer and model on the configured device, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     config = config or LlmConfig()
     device = resolve_device(config.device)
@@ -122,8 +123,15 @@ def load_llm(config: LlmConfig | None = None) -> LoadedLlm:
         source, gguf = config.model, config.gguf_file
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     logger.info("loading LLM %s%s on %s (%s)", source, f" [{gguf}]" if gguf else "", device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # GGUF de-quantisation bars
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,7 +5,7 @@ import pytest
 from conftest import TOY_DOCS
 
 from ragsae.config import BuildConfig, CaptureConfig
-from ragsae.index import Index, IndexLoadError
+from ragsae.index import Index, IndexFolderError
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_reuse_sae_and_refuse_mismatch(built, tiny_build_config, tiny_llm, tmp_p
         tiny_build_config.sae,
         tiny_build_config.scoring,
     )
-    with pytest.raises(IndexLoadError, match="trained on layer 2, the index uses layer 3"):
+    with pytest.raises(IndexFolderError, match="trained on layer 2, the index uses layer 3"):
         Index.build(TOY_DOCS, None, other_layer, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
 
 
@@ -62,7 +62,7 @@ def test_refuses_other_llm(built, tmp_path, tiny_llm):
     manifest = json.loads(manifest_path.read_text())
     manifest["llm"]["model_hash"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(IndexLoadError, match="built with LLM"):
+    with pytest.raises(IndexFolderError, match="built with LLM"):
         Index.load(tmp_path / "idx", llm=tiny_llm)
 
 
@@ -70,19 +70,19 @@ def test_detects_corruption_and_version(built, tmp_path, tiny_llm):
     folder = tmp_path / "idx"
     with open(folder / "passages.jsonl", "a") as handle:
         handle.write("\n")
-    with pytest.raises(IndexLoadError, match=r"passages\.jsonl: checksum mismatch"):
+    with pytest.raises(IndexFolderError, match=r"passages\.jsonl: checksum mismatch"):
         Index.load(folder, llm=tiny_llm)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format_version"] = 42
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexLoadError, match="format_version 42"):
+    with pytest.raises(IndexFolderError, match="format_version 42"):
         Index.load(folder, llm=tiny_llm)
-    with pytest.raises(IndexLoadError, match="missing"):
+    with pytest.raises(IndexFolderError, match="missing"):
         Index.load(tmp_path / "nowhere", llm=tiny_llm)
 
 
 def test_existing_path_needs_overwrite(built, tiny_build_config, tiny_llm, tmp_path):
-    with pytest.raises(IndexLoadError, match="already exists"):
+    with pytest.raises(IndexFolderError, match="already exists"):
         Index.build(TOY_DOCS, tmp_path / "idx", tiny_build_config, llm=tiny_llm)
     Index.build(TOY_DOCS[:2], tmp_path / "idx", tiny_build_config, llm=tiny_llm, overwrite=True)
     assert len(Index.load(tmp_path / "idx", llm=tiny_llm)) == 2
@@ -94,3 +94,9 @@ def test_unknown_layer_and_empty_query(tiny_build_config, tiny_llm, built):
         Index.build(TOY_DOCS, None, bad, llm=tiny_llm)
     with pytest.raises(ValueError, match="query '0' is empty"):
         built.search("   ")
+
+
+def test_builds_into_an_empty_folder(tiny_build_config, tiny_llm, tmp_path):
+    (tmp_path / "empty").mkdir()
+    Index.build(TOY_DOCS[:2], tmp_path / "empty", tiny_build_config, llm=tiny_llm)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
