@@ -48,6 +48,7 @@ SWEEP_KEYS = {
     "architecture": ("sae", "architecture", str),
     "epochs": ("sae", "epochs", int),
     "pooling": ("scoring", "pooling", str),
+    "prefix": ("capture", "query_prefix", str),
     "k1": ("scoring", "k1", float),
     "b": ("scoring", "b", float),
 }
@@ -132,20 +133,26 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 # --- ragsae --------------------------------------------------------------------------------
 def timed_capture(
-    llm: LoadedLlm, texts: list[str], layer: int, cfg: CaptureConfig, cache: ActivationCache, progress: bool
-) -> tuple[TokenActivations, dict[str, float]]:
-    """Passage activations from the cache, or captured and timed; timings are stored with the cache."""
+    llm: LoadedLlm, texts: list[str], layer: int, cfg: CaptureConfig, cache: ActivationCache, progress: bool,
+    need_timing: bool = True,
+) -> tuple[TokenActivations, dict[str, Any]]:
+    """Passage activations from the cache, or captured and timed; the timing is stored with the cache.
+
+    An entry cached without a timing is captured again only when `need_timing` (sweep rows skip it).
+    """
     key = cache.key(llm.model_hash, layer, cfg.window, "", fingerprint(texts))
     acts = cache.load(key)
     meta_path = key / "timing.json"
-    if acts is None or not meta_path.is_file():
+    if acts is None or (need_timing and not meta_path.is_file()):
         start = time.perf_counter()
         acts = capture(llm, texts, [layer], cfg.window, cfg.batch_size, progress=progress)[layer]
         seconds = time.perf_counter() - start
         cache.save(key, acts)
         write_json_atomic(meta_path, {"seconds": seconds, "device": str(llm.device)})
-    timing = json.loads(meta_path.read_text())
     tokens = int(acts.offsets[-1])
+    if not meta_path.is_file():
+        return acts, {"seconds": None, "passages_per_s": None, "tokens_per_s": None, "tokens": tokens}
+    timing = json.loads(meta_path.read_text())
     return acts, {
         "seconds": timing["seconds"],
         "passages_per_s": len(acts) / timing["seconds"],
@@ -183,7 +190,7 @@ def run_ragsae(
     texts = [p.text for p in passages]
     layer = build.capture.layer
     acts, capture_cost = timed_capture(
-        llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"), progress
+        llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"), progress, not bench.sweep
     )
     acts_key = f"{llm.model_hash}|{layer}|{build.capture.window}|{fingerprint(texts)}"
     if bench.sae:

@@ -47,16 +47,19 @@ def check_layer(llm: LoadedLlm, layer: int) -> None:
         )
 
 
-def tokenize(llm: LoadedLlm, texts: list[str], window: int, prefix: str = "") -> list[list[int]]:
-    """Token ids per text, truncated to `window`, with the BOS token (if any) in front.
+def tokenize(llm: LoadedLlm, texts: list[str], window: int, prefix: str = "") -> tuple[list[list[int]], int]:
+    """Token ids per text (truncated to `window`) behind the BOS token and `prefix`; and how many lead.
 
-    The BOS position soaks up attention ("attention sink") and has outlier norms, so it is
-    fed to the model but never captured.
+    The leading tokens are fed to the model but never captured: the BOS position soaks up
+    attention ("attention sink") with outlier norms, and a prefix (an instruction such as
+    "Question: ") should shape the text's activations, not add codes of its own.
     """
     tok = llm.tokenizer
-    encoded = tok([prefix + t for t in texts], add_special_tokens=False, truncation=True, max_length=window)
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return [bos + ids for ids in encoded["input_ids"]]
+    encoded = tok(texts, add_special_tokens=False, truncation=True, max_length=window)
+    lead = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + (
+        tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    )
+    return [lead + ids for ids in encoded["input_ids"]], len(lead)
 
 
 @torch.inference_mode()
@@ -78,8 +81,7 @@ def capture(
         check_layer(llm, layer)
     if not texts:
         raise ValueError("capture needs at least one text")
-    ids = tokenize(llm, texts, window, prefix)
-    skip = 1 if llm.tokenizer.bos_token_id is not None else 0
+    ids, skip = tokenize(llm, texts, window, prefix)
     lengths = np.array([len(x) - skip for x in ids])
     if (lengths <= 0).any():
         bad = int(np.argmax(lengths <= 0))

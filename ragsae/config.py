@@ -57,8 +57,8 @@ class CaptureConfig:
     """Tokens shared by consecutive passages of one document."""
     batch_size: int = 16
     """Passages per forward pass (sorted by length to limit padding)."""
-    query_prefix: str = ""
-    """Text put before every query (documents get none)."""
+    query_prefix: str = "Question: "
+    """Text fed before every query and left out of its codes (documents get none); measured in benchmarks/."""
 
     def __post_init__(self) -> None:
         if self.layer < 0:
@@ -121,8 +121,8 @@ class SaeConfig:
 class ScoringConfig:
     """How pooled codes are weighted and matched."""
 
-    pooling: str = "max"
-    """Token codes to passage code: 'max', 'sum', 'log' (log1p of sum) or 'count' (tokens firing)."""
+    pooling: str = "sum"
+    """Token codes to passage code: 'sum', 'max', 'log' (log1p of sum) or 'count' (tokens firing)."""
     mode: str = "sparse"
     """'sparse' (exact BM25-style scoring over latents), 'faiss' (dense decoder-space vectors) or 'fused'."""
     k1: float = 1.2

@@ -60,3 +60,10 @@ def test_cache_round_trip(tiny_llm, tmp_path):
     assert isinstance(again.values, np.memmap)
     np.testing.assert_array_equal(first.values, again.values)
     np.testing.assert_array_equal(first.offsets, again.offsets)
+
+
+def test_prefix_shapes_activations_but_adds_no_tokens(tiny_llm):
+    plain = capture(tiny_llm, TEXTS, [2])[2]
+    prefixed = capture(tiny_llm, TEXTS, [2], prefix="Question: ")[2]
+    assert prefixed.lengths().tolist() == plain.lengths().tolist()
+    assert not np.allclose(plain.values, prefixed.values, atol=1e-3)
