@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ from .encode import CodeEncoder
 from .index import Index, library_versions
 from .llm import LoadedLlm, load_llm
 from .retrieve import FaissSearcher
-from .sae import SparseAutoencoder, train_sae, write_json_atomic
+from .sae import SparseAutoencoder, train_sae
+from .storage import save_npy_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +133,41 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(seconds, 50) * 1e3), "p95_ms": float(np.percentile(seconds, 95) * 1e3)}
 
 
+def score_and_time(
+    search: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    doc_ids: list[str],
+    latency_queries: int,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Evaluate `search` (query texts -> (scores, ids) over `doc_ids` rows) and time it.
+
+    Latency is end to end per single query (encoding included) over the first `latency_queries`
+    queries; throughput is all queries in one batch.
+    """
+    qids = list(queries)
+    texts = [queries[q] for q in qids]
+    scores, ids = search(texts)
+    metrics = evaluate(to_document_run(scores, ids, qids, doc_ids), qrels)
+    latency = []
+    for text in texts[:latency_queries]:
+        start = time.perf_counter()
+        search([text])
+        latency.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    search(texts)
+    batch = len(texts) / (time.perf_counter() - start)
+    return metrics, {**percentiles(latency), "batch_queries_per_s": batch}
+
+
 # --- ragsae --------------------------------------------------------------------------------
 def timed_capture(
-    llm: LoadedLlm, texts: list[str], layer: int, cfg: CaptureConfig, cache: ActivationCache, progress: bool,
+    llm: LoadedLlm,
+    texts: list[str],
+    layer: int,
+    cfg: CaptureConfig,
+    cache: ActivationCache,
+    progress: bool,
     need_timing: bool = True,
 ) -> tuple[TokenActivations, dict[str, Any]]:
     """Passage activations from the cache, or captured and timed; the timing is stored with the cache.
@@ -240,23 +274,18 @@ def run_ragsae(
     }
     rows = []
     for mode in ("sparse", "faiss", "fused"):
-        scores, ids = index.retriever.search(query_codes, bench.depth, mode)
-        metrics = evaluate(to_document_run(scores, ids, qids, doc_ids), qrels)
-        latency = []
-        for qid in qids[: bench.latency_queries]:
-            start = time.perf_counter()
-            index.retriever.search(index.encode_queries([queries[qid]]), bench.depth, mode)
-            latency.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        index.retriever.search(index.encode_queries([queries[q] for q in qids]), bench.depth, mode)
-        batch = len(qids) / (time.perf_counter() - start)
+
+        def search(texts: list[str], mode: str = mode) -> tuple[np.ndarray, np.ndarray]:
+            return index.retriever.search(index.encode_queries(texts), bench.depth, mode)
+
+        metrics, latency = score_and_time(search, queries, qrels, doc_ids, bench.latency_queries)
         rows.append(
             {
                 "method": f"ragsae-{mode}",
                 **common,
                 "metrics": metrics["aggregate"],
                 "per_query": metrics["per_query"],
-                "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+                "latency": latency,
             }
         )
     return rows
@@ -264,7 +293,11 @@ def run_ragsae(
 
 # --- baselines -----------------------------------------------------------------------------
 def run_bm25(
-    documents: list[Document], queries: dict[str, str], qrels: dict[str, dict[str, int]], depth: int
+    documents: list[Document],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    depth: int,
+    latency_queries: int = 20,
 ) -> dict[str, Any]:
     """bm25s (Lucene variant, k1=1.5, b=0.75) with English stopwords, on whole documents."""
     import bm25s
@@ -275,23 +308,13 @@ def run_bm25(
         bm25s.tokenize([d.full_text for d in documents], stopwords="en", show_progress=False), show_progress=False
     )
     index_seconds = time.perf_counter() - start
-    qids = list(queries)
 
     def search(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         tokens = bm25s.tokenize(texts, stopwords="en", show_progress=False)
         ids, scores = retriever.retrieve(tokens, k=min(depth, len(documents)), show_progress=False)
         return scores, ids
 
-    scores, ids = search([queries[q] for q in qids])
-    metrics = evaluate(to_document_run(scores, ids, qids, [d.doc_id for d in documents]), qrels)
-    latency = []
-    for qid in qids[:20]:
-        start = time.perf_counter()
-        search([queries[qid]])
-        latency.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    search([queries[q] for q in qids])
-    batch = len(qids) / (time.perf_counter() - start)
+    metrics, latency = score_and_time(search, queries, qrels, [d.doc_id for d in documents], latency_queries)
     with tempfile.TemporaryDirectory() as tmp:
         retriever.save(tmp)
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
@@ -300,7 +323,7 @@ def run_bm25(
         "metrics": metrics["aggregate"],
         "per_query": metrics["per_query"],
         "index_seconds": index_seconds,
-        "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+        "latency": latency,
         "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents)},
     }
 
@@ -319,6 +342,7 @@ def run_dense(
     depth: int,
     cache_dir: Path,
     progress: bool,
+    latency_queries: int = 20,
 ) -> dict[str, Any]:
     """all-MiniLM-L6-v2 embeddings (cached per corpus fingerprint) + exact FAISS inner product."""
     from sentence_transformers import SentenceTransformer
@@ -332,30 +356,17 @@ def run_dense(
         vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress)
         seconds = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, vectors.astype(np.float32))
-        os.replace(tmp, path)
+        save_npy_atomic(path, vectors.astype(np.float32))
         write_json_atomic(timing_path, {"seconds": seconds})
     vectors = np.load(path)
     encode_seconds = json.loads(timing_path.read_text())["seconds"]
     searcher = FaissSearcher.build(vectors)
-    qids = list(queries)
 
     def search(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
         q = model.encode(batch, normalize_embeddings=True, show_progress_bar=False)
         return searcher.search(q, min(depth, len(documents)))
 
-    scores, ids = search([queries[q] for q in qids])
-    metrics = evaluate(to_document_run(scores, ids, qids, [d.doc_id for d in documents]), qrels)
-    latency = []
-    for qid in qids[:20]:
-        start = time.perf_counter()
-        search([queries[qid]])
-        latency.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    search([queries[q] for q in qids])
-    batch = len(qids) / (time.perf_counter() - start)
+    metrics, latency = score_and_time(search, queries, qrels, [d.doc_id for d in documents], latency_queries)
     with tempfile.TemporaryDirectory() as tmp:
         searcher.save(os.path.join(tmp, "faiss.index"))
         disk = os.path.getsize(os.path.join(tmp, "faiss.index"))
@@ -364,7 +375,7 @@ def run_dense(
         "metrics": metrics["aggregate"],
         "per_query": metrics["per_query"],
         "encode": {"seconds": encode_seconds, "passages_per_s": len(texts) / encode_seconds},
-        "latency": {**percentiles(latency), "batch_queries_per_s": batch},
+        "latency": latency,
         "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents), "memory": int(vectors.nbytes)},
     }
 
@@ -521,9 +532,13 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
             rows.append({**row, "setting": setting} if setting else row)
     if not bench.sweep:
         if "bm25" in bench.baselines:
-            rows.append(run_bm25(documents, queries, qrels, bench.depth))
+            rows.append(run_bm25(documents, queries, qrels, bench.depth, bench.latency_queries))
         if "dense" in bench.baselines:
-            rows.append(run_dense(documents, queries, qrels, bench.depth, Path(bench.cache_dir), progress))
+            rows.append(
+                run_dense(
+                    documents, queries, qrels, bench.depth, Path(bench.cache_dir), progress, bench.latency_queries
+                )
+            )
     result = {
         "collection": collection,
         "dataset": str(bench.dataset),

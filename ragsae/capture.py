@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .llm import LoadedLlm
+from .storage import save_npy_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +157,7 @@ class ActivationCache:
         path.mkdir(parents=True, exist_ok=True)
         # values first, offsets last: offsets.npy present means the entry is complete.
         for name, array in (("values.npy", acts.values), ("offsets.npy", acts.offsets)):
-            tmp = path / f".{name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-            os.replace(tmp, path / name)
+            save_npy_atomic(path / name, array)
 
 
 def capture_cached(

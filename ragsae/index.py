@@ -20,9 +20,10 @@ from .capture import ActivationCache, check_layer
 from .config import BuildConfig, LlmConfig, ScoringConfig, from_dict, to_dict
 from .corpus import Passage, fingerprint, load_documents, split_passages
 from .encode import CodeEncoder, PooledCodes
-from .llm import LoadedLlm, file_sha256, load_llm
+from .llm import LoadedLlm, load_llm
 from .retrieve import FaissSearcher, Hit, Retriever
-from .sae import SparseAutoencoder, TrainReport, train_sae, write_json_atomic
+from .sae import SparseAutoencoder, TrainReport, train_sae
+from .storage import file_sha256, read_versioned_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,7 @@ class Index:
         tmp.mkdir()
         sae_hash = self.sae.save(tmp / SAE_DIR)
         sp.save_npz(tmp / CODES_FILE, self.pooled.codes, compressed=False)
-        with open(tmp / LENGTHS_FILE, "wb") as handle:
-            np.save(handle, self.pooled.lengths)
+        np.save(tmp / LENGTHS_FILE, self.pooled.lengths)
         (tmp / DOCIDS_FILE).write_text("".join(p.passage_id + "\n" for p in self.passages), encoding="utf-8")
         with open(tmp / PASSAGES_FILE, "w", encoding="utf-8") as handle:
             for passage in self.passages:
@@ -261,17 +261,7 @@ class Index:
     def read_manifest(path: str | Path) -> dict[str, Any]:
         """The validated manifest of an index folder."""
         manifest_path = Path(path) / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise IndexFolderError(f"{manifest_path}: missing (is {path} a ragsae index?)")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise IndexFolderError(f"{manifest_path}: malformed JSON ({error.msg} at line {error.lineno})") from None
-        version = manifest.get("format_version")
-        if version != INDEX_FORMAT_VERSION:
-            raise IndexFolderError(
-                f"{manifest_path}: format_version {version!r}; this ragsae reads {INDEX_FORMAT_VERSION}"
-            )
+        manifest = read_versioned_json(manifest_path, INDEX_FORMAT_VERSION, IndexFolderError, "a ragsae index")
         for key in ("llm", "layer", "config", "sae", "counts", "files"):
             if key not in manifest:
                 raise IndexFolderError(f"{manifest_path}: missing field {key!r}")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .config import LlmConfig
+from .storage import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(config: LlmConfig) -> tuple[str, str]:

@@ -7,8 +7,6 @@ sparse autoencoders" (2024); 'relu' is the ReLU + L1 dictionary of Bricken et al
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -25,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SaeConfig, from_dict, to_dict
+from .storage import file_sha256, read_versioned_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ class SparseAutoencoder(nn.Module):
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         tmp_weights = path / f".{SAE_WEIGHTS_FILE}.{os.getpid()}.tmp"
         save_file(tensors, str(tmp_weights))
-        digest = sae_weights_hash(tmp_weights)
+        digest = file_sha256(tmp_weights)
         header = {
             "format_version": SAE_FORMAT_VERSION,
             "architecture": self.config.architecture,
@@ -196,18 +195,11 @@ class SparseAutoencoder(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Load and validate a folder written by `save` (format version, shapes, checksum)."""
         path = Path(path)
-        config_path, weights_path = path / SAE_CONFIG_FILE, path / SAE_WEIGHTS_FILE
-        for required in (config_path, weights_path):
-            if not required.is_file():
-                raise SaeLoadError(f"{required}: missing (not an SAE folder written by ragsae?)")
-        try:
-            header = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise SaeLoadError(f"{config_path}: malformed JSON ({error.msg})") from None
-        version = header.get("format_version")
-        if version != SAE_FORMAT_VERSION:
-            raise SaeLoadError(f"{config_path}: format_version {version!r}, this ragsae reads {SAE_FORMAT_VERSION}")
-        digest = sae_weights_hash(weights_path)
+        weights_path = path / SAE_WEIGHTS_FILE
+        header = read_versioned_json(path / SAE_CONFIG_FILE, SAE_FORMAT_VERSION, SaeLoadError, "an SAE folder")
+        if not weights_path.is_file():
+            raise SaeLoadError(f"{weights_path}: missing")
+        digest = file_sha256(weights_path)
         if header.get("weights_sha256") != digest:
             raise SaeLoadError(f"{weights_path}: checksum mismatch (file changed or truncated)")
         config = from_dict(SaeConfig, header["config"])
@@ -220,20 +212,6 @@ class SparseAutoencoder(nn.Module):
         sae.load_state_dict(tensors)
         sae.metadata = header.get("metadata", {})
         return sae.to(device).eval()
-
-
-def sae_weights_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 @dataclass

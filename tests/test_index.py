@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import TOY_DOCS
 
-from ragsae.config import BuildConfig, CaptureConfig
+from ragsae.config import BuildConfig, CaptureConfig, to_dict
 from ragsae.index import Index, IndexFolderError
 
 
@@ -29,9 +29,13 @@ def test_search_returns_hits_with_latents(built):
     assert [h.rank for h in hits] == [1, 2, 3]
     assert all(h.score >= hits[-1].score for h in hits)
     assert hits[0].latents and all(w > 0 for _, w in hits[0].latents)
-    # A passage's own text must retrieve it first in exact sparse scoring.
-    for doc in TOY_DOCS[:4]:
-        assert built.search(doc["title"] + "\n" + doc["text"], k=1)[0].doc_id == doc["_id"]
+    # Queries and passages share one encoding path: without a prefix, a passage's text as a query
+    # gets exactly that passage's codes.
+    plain = CaptureConfig(**{**to_dict(built.config.capture), "query_prefix": ""})
+    built.encoder.capture = plain
+    for row, doc in enumerate(TOY_DOCS[:4]):
+        query = built.encode_queries([doc["title"] + "\n" + doc["text"]])
+        np.testing.assert_allclose(query.toarray(), built.pooled.codes[row].toarray(), atol=1e-3)  # batching noise
 
 
 def test_load_round_trip(built, tiny_llm, tmp_path):
