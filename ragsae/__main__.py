@@ -170,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, markdown_table, run_benchmark
+    from .bench import BenchConfig, markdown_table, run_benchmark, sweep_stem
 
     bench = BenchConfig(
         dataset=args.dataset,
@@ -184,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     result = run_benchmark(bench, progress=True)
     print(markdown_table(result["rows"], result["collection"]))
-    print(f"wrote {bench.output_dir}/{result['collection']}{'-sweep' if bench.sweep else ''}.json and plots")
+    print(f"wrote {bench.output_dir}/{sweep_stem(result['collection'], bench.sweep)}.json, .md and plots")
     return 0
 
 

@@ -396,6 +396,11 @@ def parse_sweep(items: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
+def sweep_stem(collection: str, sweep: tuple[str, ...] | list[str]) -> str:
+    """Result file stem: `msmarco-5k`, or `msmarco-5k-sweep-layer-k` for a sweep over layer and k."""
+    return collection + "".join(["-sweep", *(f"-{item.partition('=')[0]}" for item in sweep)] if sweep else [])
+
+
 def apply_setting(build: BuildConfig, setting: dict[str, Any]) -> BuildConfig:
     """`build` with sweep values replaced (each config re-validated)."""
     parts = {
@@ -557,7 +562,7 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
     }
     out = Path(bench.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = collection + ("-sweep" if bench.sweep else "")
+    stem = sweep_stem(collection, bench.sweep)
     write_json_atomic(out / f"{stem}.json", result)
     title = f"{collection} ({len(documents)} documents, {len(queries)} judged queries)"
     (out / f"{stem}.md").write_text(markdown_table(rows, title) + f"\nCommand: `{result['command']}`\n")

@@ -3,7 +3,16 @@ import math
 
 import pytest
 
-from ragsae.bench import BenchConfig, apply_setting, evaluate, load_beir, parse_sweep, run_benchmark, to_document_run
+from ragsae.bench import (
+    BenchConfig,
+    apply_setting,
+    evaluate,
+    load_beir,
+    parse_sweep,
+    run_benchmark,
+    sweep_stem,
+    to_document_run,
+)
 from ragsae.config import BuildConfig
 
 
@@ -38,6 +47,8 @@ def test_sweep_parsing_and_validation():
         parse_sweep(["depth=3"])
     with pytest.raises(ValueError, match="values must be int"):
         parse_sweep(["layer=four"])
+    assert sweep_stem("cranfield", ["layer=4,8", "k=16"]) == "cranfield-sweep-layer-k"
+    assert sweep_stem("cranfield", []) == "cranfield"
     with pytest.raises(ValueError, match="pooling must be one of"):
         apply_setting(BuildConfig(), {"pooling": "median"})
 
