@@ -55,11 +55,17 @@ def tokenize(llm: LoadedLlm, texts: list[str], window: int, prefix: str = "") ->
     "Question: ") should shape the text's activations, not add codes of its own.
     """
     tok = llm.tokenizer
-    encoded = tok(texts, add_special_tokens=False, truncation=True, max_length=window)
-    lead = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + (
-        tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-    )
-    return [lead + ids for ids in encoded["input_ids"]], len(lead)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    if not prefix.strip():
+        encoded = tok(texts, add_special_tokens=False, truncation=True, max_length=window)["input_ids"]
+        return [bos + ids for ids in encoded], len(bos)
+    # Tokenise prefix and text together, as the model would read them ("Question: what" keeps the
+    # text's first word in its with-space form); the prefix alone gives the count of leading tokens.
+    prefix = prefix.rstrip()
+    n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"])
+    joined = tok([f"{prefix} {t}" for t in texts], add_special_tokens=False, truncation=True,
+                 max_length=window + n_prefix)["input_ids"]
+    return [bos + ids for ids in joined], len(bos) + n_prefix
 
 
 @torch.inference_mode()

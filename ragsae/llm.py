@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,10 +104,31 @@ class LoadedLlm:
         raise TypeError(f"cannot find the transformer blocks of {type(self.model).__name__}")
 
 
+@contextlib.contextmanager
+def quiet_loading(quiet: bool) -> Iterator[None]:
+    """Silence transformers' loading bars; its GGUF de-quantisation bar ignores the global switch."""
+    if not quiet:
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on, gguf_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_llm(config: LlmConfig | None = None, progress: bool = False) -> LoadedLlm:
     """Load tokenizer and model on the configured device, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     config = config or LlmConfig()
     device = resolve_device(config.device)
@@ -116,15 +139,9 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False) -> LoadedL
         source, gguf = config.model, config.gguf_file
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     logger.info("loading LLM %s%s on %s (%s)", source, f" [{gguf}]" if gguf else "", device, dtype)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()  # GGUF de-quantisation bars
-    try:
+    with quiet_loading(not progress):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
