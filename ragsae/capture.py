@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,18 +55,40 @@ def tokenize(llm: LoadedLlm, texts: list[str], window: int, prefix: str = "") ->
     attention ("attention sink") with outlier norms, and a prefix (an instruction such as
     "Question: ") should shape the text's activations, not add codes of its own.
     """
+    ids, lead, _ = tokenize_with_offsets(llm, texts, window, prefix)
+    return ids, lead
+
+
+def tokenize_with_offsets(
+    llm: LoadedLlm, texts: list[str], window: int, prefix: str = ""
+) -> tuple[list[list[int]], int, list[tuple[str, list[tuple[int, int]]]]]:
+    """`tokenize`, plus each text as fed (prefix joined) with its tokens' character spans."""
     tok = llm.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    if not prefix.strip():
-        encoded = tok(texts, add_special_tokens=False, truncation=True, max_length=window)["input_ids"]
-        return [bos + ids for ids in encoded], len(bos)
-    # Tokenise prefix and text together, as the model would read them ("Question: what" keeps the
+    # Prefix and text are tokenised together, as the model reads them ("Question: what" keeps the
     # text's first word in its with-space form); the prefix alone gives the count of leading tokens.
     prefix = prefix.rstrip()
-    n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"])
-    joined = tok([f"{prefix} {t}" for t in texts], add_special_tokens=False, truncation=True,
-                 max_length=window + n_prefix)["input_ids"]
-    return [bos + ids for ids in joined], len(bos) + n_prefix
+    n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+    fed = [f"{prefix} {t}" for t in texts] if prefix else list(texts)
+    encoded = tok(
+        fed, add_special_tokens=False, truncation=True, max_length=window + n_prefix, return_offsets_mapping=True
+    )
+    spans = [(text, list(offsets)) for text, offsets in zip(fed, encoded["offset_mapping"])]
+    return [bos + ids for ids in encoded["input_ids"]], len(bos) + n_prefix, spans
+
+
+def content_mask(text: str, spans: list[tuple[int, int]], stopwords: frozenset[str]) -> np.ndarray:
+    """True for tokens not inside a stopword (whole words, case-insensitive); all True if none would remain."""
+    in_stopword = np.zeros(len(text) + 1, dtype=bool)
+    for match in re.finditer(r"\w+", text):
+        if match.group().lower() in stopwords:
+            in_stopword[match.start() : match.end()] = True
+    keep = np.ones(len(spans), dtype=bool)
+    for i, (start, end) in enumerate(spans):
+        while start < end and text[start].isspace():
+            start += 1
+        keep[i] = not (start < end and in_stopword[start])
+    return keep if keep.any() else np.ones(len(spans), dtype=bool)
 
 
 @torch.inference_mode()
@@ -77,18 +100,22 @@ def capture(
     batch_size: int = 16,
     prefix: str = "",
     progress: bool = False,
+    stopwords: frozenset[str] = frozenset(),
 ) -> dict[int, TokenActivations]:
     """Residual-stream activations at each of `layers` for every token of every text.
 
     Only blocks up to max(layers) run. Texts are batched by length (deterministic order),
-    results come back in input order.
+    results come back in input order. Tokens of `stopwords` are fed but not returned.
     """
     for layer in layers:
         check_layer(llm, layer)
     if not texts:
         raise ValueError("capture needs at least one text")
-    ids, skip = tokenize(llm, texts, window, prefix)
-    lengths = np.array([len(x) - skip for x in ids])
+    ids, skip, spans = tokenize_with_offsets(llm, texts, window, prefix)
+    n_bos = len(ids[0]) - len(spans[0][1])
+    masks = [content_mask(text, offsets[skip - n_bos :], stopwords) if stopwords else None for text, offsets in spans]
+    fed = np.array([len(x) - skip for x in ids])
+    lengths = np.array([fed[i] if m is None else int(m.sum()) for i, m in enumerate(masks)])
     if (lengths <= 0).any():
         bad = int(np.argmax(lengths <= 0))
         raise ValueError(f"text {bad} has no tokens after tokenisation: {texts[bad][:60]!r}")
@@ -129,7 +156,8 @@ def capture(
             for layer in layers:
                 hidden = grabbed[layer].float().cpu().numpy()
                 for row, i in enumerate(batch):
-                    out[layer][offsets[i] : offsets[i + 1]] = hidden[row, skip : skip + lengths[i]]
+                    rows = hidden[row, skip : skip + fed[i]]
+                    out[layer][offsets[i] : offsets[i + 1]] = rows if masks[i] is None else rows[masks[i]]
     finally:
         for handle in handles:
             handle.remove()
@@ -176,8 +204,11 @@ def capture_cached(
     batch_size: int = 16,
     prefix: str = "",
     progress: bool = False,
+    stopwords: frozenset[str] = frozenset(),
 ) -> dict[int, TokenActivations]:
     """`capture`, reading and writing `cache` (if given) per layer."""
+    if stopwords:  # the cache key must tell token selections apart
+        texts_fingerprint += "|stop:" + ",".join(sorted(stopwords))
     found: dict[int, TokenActivations] = {}
     if cache is not None:
         for layer in layers:
@@ -186,7 +217,7 @@ def capture_cached(
                 found[layer] = hit
     missing = [layer for layer in layers if layer not in found]
     if missing:
-        fresh = capture(llm, texts, missing, window, batch_size, prefix, progress)
+        fresh = capture(llm, texts, missing, window, batch_size, prefix, progress, stopwords)
         if cache is not None:
             for layer, acts in fresh.items():
                 cache.save(cache.key(llm.model_hash, layer, window, prefix, texts_fingerprint), acts)

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .stopwords import STOPWORD_LISTS
+
 T = TypeVar("T")
 
 SAE_ARCHITECTURES = ("topk", "relu", "kl")
@@ -59,8 +61,12 @@ class CaptureConfig:
     """Passages per forward pass (sorted by length to limit padding)."""
     query_prefix: str = "Question: "
     """Text fed before every query and left out of its codes (documents get none); measured in benchmarks/."""
+    query_stopwords: str = "english"
+    """Function words fed with a query but left out of its codes: 'english' or 'none'."""
 
     def __post_init__(self) -> None:
+        if self.query_stopwords not in STOPWORD_LISTS:
+            raise ValueError(f"query_stopwords must be one of {tuple(STOPWORD_LISTS)}, got {self.query_stopwords!r}")
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
         if self.window < 8:

@@ -15,6 +15,7 @@ from .config import CaptureConfig
 from .corpus import fingerprint
 from .llm import LoadedLlm
 from .sae import SparseAutoencoder
+from .stopwords import STOPWORD_LISTS
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,21 @@ class CodeEncoder:
         self.pooling = pooling
         self.cache = cache
 
-    def activations(self, texts: list[str], prefix: str = "", progress: bool = False) -> TokenActivations:
+    def activations(
+        self, texts: list[str], prefix: str = "", progress: bool = False, stopwords: frozenset[str] = frozenset()
+    ) -> TokenActivations:
         cfg = self.capture
         return capture_cached(
-            self.llm, texts, [cfg.layer], fingerprint(texts), self.cache, cfg.window, cfg.batch_size, prefix, progress
+            self.llm,
+            texts,
+            [cfg.layer],
+            fingerprint(texts),
+            self.cache,
+            cfg.window,
+            cfg.batch_size,
+            prefix,
+            progress,
+            stopwords,
         )[cfg.layer]
 
     def pool_activations(self, acts: TokenActivations, progress: bool = False) -> PooledCodes:
@@ -108,5 +120,7 @@ class CodeEncoder:
         return self.pool_activations(self.activations(texts, "", progress), progress)
 
     def encode_queries(self, texts: list[str], progress: bool = False) -> PooledCodes:
-        """Pooled codes of queries (with the configured query prefix)."""
-        return self.pool_activations(self.activations(texts, self.capture.query_prefix, progress), progress)
+        """Pooled codes of queries: the prefix and stopwords are fed to the LLM but left out of the codes."""
+        cfg = self.capture
+        acts = self.activations(texts, cfg.query_prefix, progress, STOPWORD_LISTS[cfg.query_stopwords])
+        return self.pool_activations(acts, progress)

@@ -67,3 +67,26 @@ def test_prefix_shapes_activations_but_adds_no_tokens(tiny_llm):
     prefixed = capture(tiny_llm, TEXTS, [2], prefix="Question: ")[2]
     assert prefixed.lengths().tolist() == plain.lengths().tolist()
     assert not np.allclose(plain.values, prefixed.values, atol=1e-3)
+
+
+def test_content_mask_drops_whole_stopwords_only():
+    from ragsae.capture import content_mask
+    from ragsae.stopwords import ENGLISH
+
+    text = "What is the axon terminal"
+    spans = [(0, 4), (4, 7), (7, 11), (11, 14), (14, 16), (16, 25)]  # "What"," is"," the"," ax","on"," terminal"
+    assert content_mask(text, spans, ENGLISH).tolist() == [False, False, False, True, True, True]
+    assert content_mask("the of", [(0, 3), (3, 6)], ENGLISH).tolist() == [True, True]  # never empty
+
+
+def test_stopwords_are_fed_but_not_captured(tiny_llm):
+    from ragsae.stopwords import ENGLISH
+
+    text = "what is the capital of France"
+    full = capture(tiny_llm, [text], [2], prefix="Question: ")[2]
+    content = capture(tiny_llm, [text], [2], prefix="Question: ", stopwords=ENGLISH)[2]
+    ids = tiny_llm.tokenizer("Question: " + text, add_special_tokens=False)["input_ids"]
+    words = [tiny_llm.tokenizer.decode([t]).strip().lower() for t in ids[2:]]
+    kept = [i for i, w in enumerate(words) if w not in ENGLISH]
+    assert content.lengths().tolist() == [len(kept)] and len(kept) < len(words)
+    np.testing.assert_allclose(content.values.astype(np.float32), full.values[kept].astype(np.float32), atol=1e-3)
