@@ -29,9 +29,9 @@ def test_search_returns_hits_with_latents(built):
     assert [h.rank for h in hits] == [1, 2, 3]
     assert all(h.score >= hits[-1].score for h in hits)
     assert hits[0].latents and all(w > 0 for _, w in hits[0].latents)
-    # Queries and passages share one encoding path: without a prefix, a passage's text as a query
+    # Queries and passages share one encoding path: without prefix and stopword removal, a passage's text as a query
     # gets exactly that passage's codes.
-    plain = CaptureConfig(**{**to_dict(built.config.capture), "query_prefix": ""})
+    plain = CaptureConfig(**{**to_dict(built.config.capture), "query_prefix": "", "query_stopwords": "none"})
     built.encoder.capture = plain
     for row, doc in enumerate(TOY_DOCS[:4]):
         query = built.encode_queries([doc["title"] + "\n" + doc["text"]])
