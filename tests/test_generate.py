@@ -24,3 +24,12 @@ def test_ask_runs_end_to_end_on_tiny_model(tiny_build_config, tiny_llm):
     assert len(answer.hits) == 2 and answer.prompt.count("[end of") == 2
     assert isinstance(answer.text, str)
     assert "Sources:" in answer.format()
+
+
+def test_answer_leads_with_a_citation_of_an_existing_passage(tiny_build_config, tiny_llm):
+    index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
+    answer = RAG(index, k=3, max_new_tokens=4).ask("Which module reads ZIP archives?")
+    assert answer.text.startswith("According to passage [")
+    assert len(answer.citations) >= 1 and answer.citations[0] in (1, 2, 3)
+    plain = RAG(index, k=3, max_new_tokens=4, lead_with_citation=False).ask("Which module reads ZIP archives?")
+    assert not plain.text.startswith("According to passage [")
