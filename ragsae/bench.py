@@ -421,6 +421,13 @@ def apply_setting(build: BuildConfig, setting: dict[str, Any]) -> BuildConfig:
 
 
 # --- reporting -----------------------------------------------------------------------------
+def command_line() -> str:
+    """How this process was started, as one would type it again."""
+    program = sys.argv[0]
+    head = ["python", program] if program.endswith(".py") else [Path(program).name]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(
@@ -551,7 +558,7 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
         "documents": len(documents),
         "queries": len(queries),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "git_commit": git_commit(),
         "machine": machine(),
         "versions": library_versions(),
