@@ -85,8 +85,8 @@ class SaeConfig:
     """'topk' (TopK activation, Gao et al. 2024), 'relu' (ReLU + L1) or 'kl' (ReLU + KL target)."""
     num_latents: int = 8192
     """Dictionary size."""
-    k: int = 32
-    """Active latents per token (TopK); a cap on stored latents for 'relu' and 'kl'."""
+    k: int = 16
+    """Active latents per token (TopK); a cap on stored latents for 'relu' and 'kl'. Chosen by the sweep."""
     l1_coef: float = 5e-3
     """L1 penalty weight ('relu')."""
     kl_target: float = 0.005
