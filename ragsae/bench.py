@@ -530,7 +530,7 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
     collection = Path(bench.dataset).resolve().name
     documents, queries, qrels = load_beir(bench.dataset, bench.split)
     llm = load_llm(bench.build.llm, progress)
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()  # the code that runs, not what HEAD is by the end
     settings = parse_sweep(bench.sweep) if bench.sweep else [{}]
     rows: list[dict[str, Any]] = []
     passages_by_window: dict[tuple[int, int], list[Passage]] = {}
@@ -559,7 +559,7 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
         "queries": len(queries),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "machine": machine(),
         "versions": library_versions(),
         "seed": bench.build.sae.seed,
