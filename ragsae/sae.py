@@ -224,7 +224,7 @@ class TrainReport:
     steps: int
     tokens: int
     seconds: float
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}

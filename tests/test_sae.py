@@ -56,11 +56,11 @@ def test_fvu_and_kl_reference_values():
 def test_auxk_loss_only_with_dead_latents():
     sae = SparseAutoencoder(small_config(), 32)
     x = torch.randn(16, 32)
-    assert float(sae(x).aux_loss) == 0.0
+    assert sae(x).aux_loss.item() == 0.0
     dead = torch.zeros(128, dtype=torch.bool)
     dead[64:] = True
     out = sae(x, dead_mask=dead)
-    assert float(out.aux_loss) > 0
+    assert out.aux_loss.item() > 0
     out.aux_loss.backward()
     assert sae.W_dec.grad[64:].abs().sum() > 0 and sae.W_dec.grad[:64].abs().sum() == 0
 
@@ -69,7 +69,7 @@ def test_auxk_loss_only_with_dead_latents():
 def test_penalised_architectures_have_sparsity_loss(architecture):
     sae = SparseAutoencoder(small_config(architecture=architecture), 32)
     out = sae(torch.randn(16, 32))
-    assert float(out.aux_loss) > 0
+    assert out.aux_loss.item() > 0
     assert out.recon.shape == (16, 32)
 
 
