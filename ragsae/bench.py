@@ -490,18 +490,40 @@ def plot(rows: list[dict[str, Any]], prefix: Path, title: str) -> list[str]:
     written.append(f"{prefix}_quality.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row, name in zip(rows, names):
-        if "active_latents" in row:
-            ax.scatter(row["active_latents"]["per_passage"], row["metrics"]["nDCG@10"], label=name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"ragsae-sparse": "tab:blue", "ragsae-faiss": "tab:orange", "ragsae-fused": "tab:green"}
+    for method, colour in colours.items():
+        mine = [row for row in rows if row["method"] == method]
+        ax.scatter(
+            [r["active_latents"]["per_passage"] for r in mine],
+            [r["metrics"]["nDCG@10"] for r in mine],
+            color=colour,
+            label=method,
+        )
+        for r in mine:
+            if r.get("setting"):
+                label = ",".join(f"{k}={v}" for k, v in r["setting"].items())
+                ax.annotate(
+                    label,
+                    (r["active_latents"]["per_passage"], r["metrics"]["nDCG@10"]),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
     for row in rows:
         if "active_latents" not in row:
             ax.axhline(row["metrics"]["nDCG@10"], linestyle="--", color="gray")
-            ax.text(ax.get_xlim()[0], row["metrics"]["nDCG@10"], " " + row["method"], va="bottom", fontsize=8)
+            ax.annotate(
+                row["method"],
+                (0.01, row["metrics"]["nDCG@10"]),
+                xycoords=("axes fraction", "data"),
+                fontsize=8,
+                va="bottom",
+            )
     ax.set_xlabel("active latents per passage")
     ax.set_ylabel("nDCG@10")
     ax.set_title(f"{title}: quality vs code size")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(f"{prefix}_latents.png", dpi=120)
     written.append(f"{prefix}_latents.png")
