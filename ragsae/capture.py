@@ -48,21 +48,16 @@ def check_layer(llm: LoadedLlm, layer: int) -> None:
         )
 
 
-def tokenize(llm: LoadedLlm, texts: list[str], window: int, prefix: str = "") -> tuple[list[list[int]], int]:
-    """Token ids per text (truncated to `window`) behind the BOS token and `prefix`; and how many lead.
+def tokenize(
+    llm: LoadedLlm, texts: list[str], window: int, prefix: str = ""
+) -> tuple[list[list[int]], int, list[tuple[str, list[tuple[int, int]]]]]:
+    """Token ids per text (truncated to `window`) behind the BOS token and `prefix`; how many lead;
+    and each text as fed (prefix joined) with its tokens' character spans.
 
     The leading tokens are fed to the model but never captured: the BOS position soaks up
     attention ("attention sink") with outlier norms, and a prefix (an instruction such as
     "Question: ") should shape the text's activations, not add codes of its own.
     """
-    ids, lead, _ = tokenize_with_offsets(llm, texts, window, prefix)
-    return ids, lead
-
-
-def tokenize_with_offsets(
-    llm: LoadedLlm, texts: list[str], window: int, prefix: str = ""
-) -> tuple[list[list[int]], int, list[tuple[str, list[tuple[int, int]]]]]:
-    """`tokenize`, plus each text as fed (prefix joined) with its tokens' character spans."""
     tok = llm.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     # Prefix and text are tokenised together, as the model reads them ("Question: what" keeps the
@@ -111,7 +106,7 @@ def capture(
         check_layer(llm, layer)
     if not texts:
         raise ValueError("capture needs at least one text")
-    ids, skip, spans = tokenize_with_offsets(llm, texts, window, prefix)
+    ids, skip, spans = tokenize(llm, texts, window, prefix)
     n_bos = len(ids[0]) - len(spans[0][1])
     masks = [content_mask(text, offsets[skip - n_bos :], stopwords) if stopwords else None for text, offsets in spans]
     fed = np.array([len(x) - skip for x in ids])

@@ -146,4 +146,6 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False) -> LoadedL
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model_id, model_hash = model_fingerprint(config)
+    if model_hash.startswith("hub:"):  # pin the hub snapshot actually loaded
+        model_hash += "@" + str(getattr(model.config, "_commit_hash", None) or "unknown")
     return LoadedLlm(model, tokenizer, model_id, model_hash, device)
