@@ -51,6 +51,7 @@ SWEEP_KEYS = {
     "epochs": ("sae", "epochs", int),
     "pooling": ("scoring", "pooling", str),
     "prefix": ("capture", "query_prefix", str),
+    "max_latents": ("scoring", "max_latents", int),
     "k1": ("scoring", "k1", float),
     "b": ("scoring", "b", float),
 }
@@ -242,7 +243,7 @@ def run_ragsae(
     with tempfile.TemporaryDirectory() as tmp:
         index.save(Path(tmp) / "index")
         disk = {name: (Path(tmp) / "index" / name).stat().st_size for name in ("codes.npz", "faiss.index")}
-    codes = pooled.codes
+    codes = index.pooled.codes
     memory = (
         int(codes.data.nbytes + codes.indices.nbytes + codes.indptr.nbytes)
         + index.retriever.faiss.index.ntotal * sae.d_model * 4

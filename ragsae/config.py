@@ -135,6 +135,8 @@ class ScoringConfig:
     """BM25 saturation of a latent's passage weight."""
     b: float = 0.75
     """BM25 length normalisation (length = passage tokens)."""
+    max_latents: int | None = None
+    """Keep only each passage's strongest latents by BM25 weight (None keeps all): smaller index."""
     fusion_weight: float = 0.5
     """Weight of the sparse run in reciprocal-rank fusion ('fused')."""
     explain_top: int = 5
@@ -145,6 +147,8 @@ class ScoringConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.mode not in SEARCH_MODES:
             raise ValueError(f"mode must be one of {SEARCH_MODES}, got {self.mode!r}")
+        if self.max_latents is not None and self.max_latents < 1:
+            raise ValueError(f"max_latents must be >= 1 or None, got {self.max_latents}")
         if not 0 <= self.fusion_weight <= 1:
             raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
 

@@ -101,6 +101,7 @@ class Index:
         self.sae_report = sae_report
         w_dec = encoder.sae.W_dec.detach().cpu().numpy()
         self.retriever = Retriever(pooled.codes, pooled.lengths, w_dec, config.scoring, faiss_searcher)
+        self.pooled = PooledCodes(self.retriever.codes, pooled.lengths)  # pruned when max_latents is set
 
     @property
     def llm(self) -> LoadedLlm:

@@ -46,6 +46,18 @@ def bm25_document_weights(
     return weights
 
 
+def prune_rows(codes: sp.csr_matrix, ranking: sp.csr_matrix, keep: int) -> sp.csr_matrix:
+    """`codes` with only the `keep` entries per row that rank highest in `ranking` (same sparsity pattern)."""
+    rows = []
+    for r in range(codes.shape[0]):
+        lo, hi = codes.indptr[r], codes.indptr[r + 1]
+        order = np.sort(np.argsort(-ranking.data[lo:hi], kind="stable")[:keep]) + lo
+        rows.append(order)
+    picked = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return sp.csr_matrix((codes.data[picked], codes.indices[picked], indptr), shape=codes.shape)
+
+
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best `k` columns per row of (nq, n) scores as (scores, ids), each (nq, k), padded with -inf / -1."""
     nq, n = scores.shape
@@ -155,8 +167,12 @@ class Retriever:
         faiss_searcher: FaissSearcher | None = None,
     ):
         self.config = config
-        self.idf = latent_idf(codes)
         self.avg_length = float(lengths.mean())
+        if config.max_latents is not None and np.diff(codes.indptr).max(initial=0) > config.max_latents:
+            weights = bm25_document_weights(codes, lengths, latent_idf(codes), config.k1, config.b, self.avg_length)
+            codes = prune_rows(codes, weights, config.max_latents)
+        self.codes = codes
+        self.idf = latent_idf(codes)
         self.doc_weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
         self.w_dec = w_dec
         self._faiss = faiss_searcher

@@ -104,3 +104,18 @@ def test_builds_into_an_empty_folder(tiny_build_config, tiny_llm, tmp_path):
     (tmp_path / "empty").mkdir()
     Index.build(TOY_DOCS[:2], tmp_path / "empty", tiny_build_config, llm=tiny_llm)
     assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
+def test_pruned_index_saves_and_reloads_pruned_codes(tiny_build_config, tiny_llm, tmp_path):
+    from ragsae.config import ScoringConfig
+
+    config = BuildConfig(
+        tiny_build_config.llm, tiny_build_config.capture, tiny_build_config.sae, ScoringConfig(max_latents=5)
+    )
+    built = Index.build(TOY_DOCS, tmp_path / "pruned", config, llm=tiny_llm)
+    loaded = Index.load(tmp_path / "pruned", llm=tiny_llm)
+    assert np.diff(loaded.pooled.codes.indptr).max() == 5
+    assert (loaded.pooled.codes != built.pooled.codes).nnz == 0
+    assert [h.passage_id for h in loaded.search("zip archives", 3)] == [
+        h.passage_id for h in built.search("zip archives", 3)
+    ]

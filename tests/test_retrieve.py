@@ -110,3 +110,21 @@ def test_retriever_modes_find_self(mode):
     assert (ids[:, 0] == rows).all()
     explained = retriever.explain(codes[rows[0]], rows[0], 2)
     assert len(explained) == 2 and explained[0][1] >= explained[1][1]
+
+
+def test_pruning_keeps_the_strongest_latents_per_passage():
+    from ragsae.retrieve import prune_rows
+
+    codes = random_codes(n=12, m=40, density=0.5)
+    ranking = codes.copy()
+    ranking.data = np.random.default_rng(1).permutation(ranking.data)
+    pruned = prune_rows(codes, ranking, 3)
+    for r in range(12):
+        lo, hi = codes.indptr[r], codes.indptr[r + 1]
+        best = set(codes.indices[lo:hi][np.argsort(-ranking.data[lo:hi])[:3]])
+        assert set(pruned[r].indices) == best
+        np.testing.assert_array_equal(pruned[r].toarray()[0, list(best)], codes[r].toarray()[0, list(best)])
+    retriever = Retriever(
+        codes, np.full(12, 5.0, dtype=np.float32), np.eye(40, dtype=np.float32), ScoringConfig(max_latents=4)
+    )
+    assert np.diff(retriever.codes.indptr).max() == 4 and np.diff(retriever.doc_weights.indptr).max() == 4
