@@ -31,11 +31,12 @@ INDEX_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 CODES_FILE = "codes.npz"
 LENGTHS_FILE = "lengths.npy"
+IDF_FILE = "idf.npy"
 DOCIDS_FILE = "docids.txt"
 PASSAGES_FILE = "passages.jsonl"
 FAISS_FILE = "faiss.index"
 SAE_DIR = "sae"
-CHECKED_FILES = (CODES_FILE, LENGTHS_FILE, DOCIDS_FILE, PASSAGES_FILE, FAISS_FILE)
+CHECKED_FILES = (CODES_FILE, LENGTHS_FILE, IDF_FILE, DOCIDS_FILE, PASSAGES_FILE, FAISS_FILE)
 
 
 class IndexFolderError(ValueError):
@@ -92,6 +93,7 @@ class Index:
         faiss_searcher: FaissSearcher | None = None,
         path: Path | None = None,
         sae_report: TrainReport | None = None,
+        idf: np.ndarray | None = None,
     ):
         self.encoder = encoder
         self.passages = passages
@@ -100,7 +102,7 @@ class Index:
         self.path = path
         self.sae_report = sae_report
         w_dec = encoder.sae.W_dec.detach().cpu().numpy()
-        self.retriever = Retriever(pooled.codes, pooled.lengths, w_dec, config.scoring, faiss_searcher)
+        self.retriever = Retriever(pooled.codes, pooled.lengths, w_dec, config.scoring, faiss_searcher, idf)
         self.pooled = PooledCodes(self.retriever.codes, pooled.lengths)  # pruned when max_latents is set
 
     @property
@@ -222,6 +224,7 @@ class Index:
         sae_hash = self.sae.save(tmp / SAE_DIR)
         sp.save_npz(tmp / CODES_FILE, self.pooled.codes, compressed=False)
         np.save(tmp / LENGTHS_FILE, self.pooled.lengths)
+        np.save(tmp / IDF_FILE, self.retriever.idf)
         (tmp / DOCIDS_FILE).write_text("".join(p.passage_id + "\n" for p in self.passages), encoding="utf-8")
         with open(tmp / PASSAGES_FILE, "w", encoding="utf-8") as handle:
             for passage in self.passages:
@@ -333,7 +336,10 @@ class Index:
                 f"expected {n} of {sae.d_model}"
             )
         encoder = CodeEncoder(llm, sae.to(llm.device), config.capture, config.scoring.pooling)
-        return cls(encoder, passages, PooledCodes(codes, lengths), config, searcher, path)
+        idf = np.load(path / IDF_FILE, allow_pickle=False)
+        if idf.shape != (sae.num_latents,):
+            raise IndexFolderError(f"{path / IDF_FILE}: shape {idf.shape}, expected ({sae.num_latents},)")
+        return cls(encoder, passages, PooledCodes(codes, lengths), config, searcher, path, idf=idf)
 
     def info(self) -> dict[str, Any]:
         """Summary for `ragsae info`."""

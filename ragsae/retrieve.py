@@ -165,14 +165,17 @@ class Retriever:
         w_dec: np.ndarray,
         config: ScoringConfig,
         faiss_searcher: FaissSearcher | None = None,
+        idf: np.ndarray | None = None,
     ):
         self.config = config
         self.avg_length = float(lengths.mean())
+        # IDF comes from the unpruned codes (given back by a saved index): pruning must not make a
+        # latent look rarer than it is.
+        self.idf = latent_idf(codes) if idf is None else idf
         if config.max_latents is not None and np.diff(codes.indptr).max(initial=0) > config.max_latents:
-            weights = bm25_document_weights(codes, lengths, latent_idf(codes), config.k1, config.b, self.avg_length)
+            weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
             codes = prune_rows(codes, weights, config.max_latents)
         self.codes = codes
-        self.idf = latent_idf(codes)
         self.doc_weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
         self.w_dec = w_dec
         self._faiss = faiss_searcher

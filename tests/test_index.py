@@ -15,7 +15,16 @@ def built(tiny_build_config, tiny_llm, tmp_path):
 
 def test_build_writes_a_complete_folder(built, tmp_path):
     names = {p.name for p in (tmp_path / "idx").iterdir()}
-    assert {"manifest.json", "codes.npz", "lengths.npy", "docids.txt", "passages.jsonl", "faiss.index", "sae"} <= names
+    assert {
+        "manifest.json",
+        "codes.npz",
+        "lengths.npy",
+        "idf.npy",
+        "docids.txt",
+        "passages.jsonl",
+        "faiss.index",
+        "sae",
+    } <= names
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["counts"]["passages"] == len(TOY_DOCS)
     assert manifest["layer"] == 2 and manifest["sae"]["num_latents"] == 128
@@ -116,6 +125,7 @@ def test_pruned_index_saves_and_reloads_pruned_codes(tiny_build_config, tiny_llm
     loaded = Index.load(tmp_path / "pruned", llm=tiny_llm)
     assert np.diff(loaded.pooled.codes.indptr).max() == 5
     assert (loaded.pooled.codes != built.pooled.codes).nnz == 0
+    np.testing.assert_array_equal(loaded.retriever.idf, built.retriever.idf)  # IDF of the unpruned codes
     assert [h.passage_id for h in loaded.search("zip archives", 3)] == [
         h.passage_id for h in built.search("zip archives", 3)
     ]
