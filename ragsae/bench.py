@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .capture import ActivationCache, TokenActivations, capture
-from .config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig, from_dict, to_dict
+from .config import BuildConfig, CaptureConfig, SaeConfig, to_dict
 from .corpus import Document, Passage, fingerprint, load_documents, read_qrels, read_queries, split_passages
 from .encode import CodeEncoder
 from .index import Index, library_versions
@@ -238,7 +238,7 @@ def run_ragsae(
     start = time.perf_counter()
     pooled = encoder.pool_activations(acts, progress=progress)
     encode_seconds = time.perf_counter() - start
-    build = BuildConfig(build.llm, build.capture, sae.config, build.scoring)
+    build = dataclasses.replace(build, sae=sae.config)
     index = Index(encoder, passages, pooled, build)
     with tempfile.TemporaryDirectory() as tmp:
         index.save(Path(tmp) / "index")
@@ -404,24 +404,15 @@ def sweep_stem(collection: str, sweep: tuple[str, ...] | list[str]) -> str:
 
 def apply_setting(build: BuildConfig, setting: dict[str, Any]) -> BuildConfig:
     """`build` with sweep values replaced (each config re-validated)."""
-    parts = {
-        "llm": to_dict(build.llm),
-        "capture": to_dict(build.capture),
-        "sae": to_dict(build.sae),
-        "scoring": to_dict(build.scoring),
-    }
+    changes: dict[str, dict[str, Any]] = {}
     for name, value in setting.items():
         stage, key, _ = SWEEP_KEYS[name]
-        parts[stage][key] = value
-    return BuildConfig(
-        from_dict(LlmConfig, parts["llm"]),
-        from_dict(CaptureConfig, parts["capture"]),
-        from_dict(SaeConfig, parts["sae"]),
-        from_dict(ScoringConfig, parts["scoring"]),
+        changes.setdefault(stage, {})[key] = value
+    return dataclasses.replace(
+        build, **{stage: dataclasses.replace(getattr(build, stage), **values) for stage, values in changes.items()}
     )
 
 
-# --- reporting -----------------------------------------------------------------------------
 def command_line() -> str:
     """How this process was started, as one would type it again."""
     program = sys.argv[0]

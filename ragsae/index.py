@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from . import __version__
 from .capture import ActivationCache, check_layer
-from .config import BuildConfig, LlmConfig, ScoringConfig, from_dict, to_dict
+from .config import BuildConfig, to_dict
 from .corpus import Passage, fingerprint, load_documents, split_passages
 from .encode import CodeEncoder, PooledCodes
 from .llm import LoadedLlm, load_llm
@@ -165,7 +166,7 @@ class Index:
             source = str(sae) if not isinstance(sae, SparseAutoencoder) else "(given)"
             loaded = sae if isinstance(sae, SparseAutoencoder) else SparseAutoencoder.load(sae)
             check_sae_matches(loaded, llm, config.capture.layer, source)
-            config = BuildConfig(config.llm, config.capture, loaded.config, config.scoring)
+            config = replace(config, sae=loaded.config)
             encoder = CodeEncoder(llm, loaded.to(llm.device).eval(), config.capture, config.scoring.pooling, cache)
             acts = encoder.activations([p.text for p in passages], progress=progress)
         pooled = encoder.pool_activations(acts, progress=progress)
@@ -286,22 +287,11 @@ class Index:
                 raise IndexFolderError(f"{file}: checksum mismatch with {MANIFEST_FILE} (corrupted or edited)")
         config = BuildConfig.from_dict(manifest["config"])
         if mode is not None:
-            config = BuildConfig(
-                config.llm,
-                config.capture,
-                config.sae,
-                from_dict(ScoringConfig, {**to_dict(config.scoring), "mode": mode}),
-            )
+            config = replace(config, scoring=replace(config.scoring, mode=mode))
         if device is not None:
-            config = BuildConfig(
-                from_dict(LlmConfig, {**to_dict(config.llm), "device": device}),
-                config.capture,
-                config.sae,
-                config.scoring,
-            )
-        sae = SparseAutoencoder.load(path / SAE_DIR)
-        sae_hash = manifest["sae"]["weights_sha256"]
-        if sae.metadata is None or file_sha256(path / SAE_DIR / "model.safetensors") != sae_hash:
+            config = replace(config, llm=replace(config.llm, device=device))
+        sae = SparseAutoencoder.load(path / SAE_DIR)  # verifies the weights against its own header
+        if sae.weights_sha256 != manifest["sae"]["weights_sha256"]:
             raise IndexFolderError(f"{path / SAE_DIR}: SAE weights do not match the manifest's sae.weights_sha256")
         llm = llm or load_llm(config.llm)
         if llm.model_hash != manifest["llm"]["model_hash"]:

@@ -88,6 +88,8 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("input_mean", torch.zeros(d_model))
         self.register_buffer("input_scale", torch.ones(()))
         self.metadata: dict[str, Any] = {}
+        self.weights_sha256: str | None = None
+        """SHA-256 of the weights file this SAE was last saved to or loaded from."""
 
     @property
     def num_latents(self) -> int:
@@ -189,6 +191,7 @@ class SparseAutoencoder(nn.Module):
         }
         write_json_atomic(path / SAE_CONFIG_FILE, header)
         os.replace(tmp_weights, path / SAE_WEIGHTS_FILE)
+        self.weights_sha256 = digest
         return digest
 
     @classmethod
@@ -211,6 +214,7 @@ class SparseAutoencoder(nn.Module):
             raise SaeLoadError(f"{weights_path}: tensor shapes {got} do not match config {expected}")
         sae.load_state_dict(tensors)
         sae.metadata = header.get("metadata", {})
+        sae.weights_sha256 = digest
         return sae.to(device).eval()
 
 
