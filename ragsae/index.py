@@ -24,11 +24,19 @@ from .encode import CodeEncoder, PooledCodes
 from .llm import LoadedLlm, load_llm
 from .retrieve import FaissSearcher, Hit, Retriever
 from .sae import SparseAutoencoder, TrainReport, train_sae
-from .storage import file_sha256, read_versioned_json, write_json_atomic
+from .storage import (
+    file_sha256,
+    load_compact_csr,
+    read_versioned_json,
+    save_compact_csr_atomic,
+    storage_precision,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+"""2: compact codes (uint16 latent ids, float16 values) and an 8-bit scalar-quantised FAISS index."""
 MANIFEST_FILE = "manifest.json"
 CODES_FILE = "codes.npz"
 LENGTHS_FILE = "lengths.npy"
@@ -103,6 +111,8 @@ class Index:
         self.path = path
         self.sae_report = sae_report
         w_dec = encoder.sae.W_dec.detach().cpu().numpy()
+        # Codes are searched at the precision they are stored in, so a loaded index scores as built.
+        pooled = PooledCodes(storage_precision(pooled.codes), pooled.lengths)
         self.retriever = Retriever(pooled.codes, pooled.lengths, w_dec, config.scoring, faiss_searcher, idf)
         self.pooled = PooledCodes(self.retriever.codes, pooled.lengths)  # pruned when max_latents is set
 
@@ -223,7 +233,7 @@ class Index:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         sae_hash = self.sae.save(tmp / SAE_DIR)
-        sp.save_npz(tmp / CODES_FILE, self.pooled.codes, compressed=False)
+        save_compact_csr_atomic(tmp / CODES_FILE, self.pooled.codes)
         np.save(tmp / LENGTHS_FILE, self.pooled.lengths)
         np.save(tmp / IDF_FILE, self.retriever.idf)
         (tmp / DOCIDS_FILE).write_text("".join(p.passage_id + "\n" for p in self.passages), encoding="utf-8")
@@ -300,7 +310,7 @@ class Index:
                 f"but {llm.model_id} (hash {llm.model_hash[:12]}) was given"
             )
         check_sae_matches(sae, llm, int(manifest["layer"]), str(path / SAE_DIR))
-        codes = sp.load_npz(path / CODES_FILE).tocsr()
+        codes = load_compact_csr(path / CODES_FILE, IndexFolderError)
         lengths = np.load(path / LENGTHS_FILE, allow_pickle=False)
         docids = (path / DOCIDS_FILE).read_text(encoding="utf-8").splitlines()
         with open(path / PASSAGES_FILE, encoding="utf-8") as handle:

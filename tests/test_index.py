@@ -44,7 +44,8 @@ def test_search_returns_hits_with_latents(built):
     built.encoder.capture = plain
     for row, doc in enumerate(TOY_DOCS[:4]):
         query = built.encode_queries([doc["title"] + "\n" + doc["text"]])
-        np.testing.assert_allclose(query.toarray(), built.pooled.codes[row].toarray(), atol=1e-3)  # batching noise
+        # Stored codes are float16: equal to 3 significant digits (and batching noise).
+        np.testing.assert_allclose(query.toarray(), built.pooled.codes[row].toarray(), rtol=2e-3, atol=1e-3)
 
 
 def test_load_round_trip(built, tiny_llm, tmp_path):

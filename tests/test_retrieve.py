@@ -9,6 +9,7 @@ from ragsae.retrieve import (
     Retriever,
     bm25_document_weights,
     decoder_vectors,
+    inverted_index,
     latent_idf,
     reciprocal_rank_fusion,
     sparse_search,
@@ -62,7 +63,7 @@ def test_bm25_weights_match_formula():
 
 def test_sparse_search_matches_dense_and_pads():
     docs, queries = random_codes(), random_codes(n=4, seed=1)
-    scores, ids = sparse_search(queries, docs, 5)
+    scores, ids = sparse_search(queries, inverted_index(docs), 5)
     dense = queries.toarray() @ docs.toarray().T
     for q in range(4):
         np.testing.assert_allclose(scores[q], np.sort(dense[q])[::-1][:5], rtol=1e-5)
@@ -81,6 +82,21 @@ def test_faiss_matches_numpy_and_round_trips(tmp_path):
     searcher.save(str(tmp_path / "f.index"))
     again = FaissSearcher.load(str(tmp_path / "f.index"), use_gpu=False)
     assert (again.search(queries, 5)[1] == ids).all()
+
+
+def test_quantized_faiss_keeps_the_ranking_and_a_quarter_of_the_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(200, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    exact = FaissSearcher.build(vectors, use_gpu=False)
+    small = FaissSearcher.build(vectors, use_gpu=False, quantized=True)
+    _, exact_ids = exact.search(vectors[:10], 5)
+    _, small_ids = small.search(vectors[:10], 5)
+    assert (small_ids[:, 0] == np.arange(10)).all()  # each vector still finds itself first
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact_ids, small_ids)]) >= 0.8
+    exact.save(str(tmp_path / "exact.index"))
+    small.save(str(tmp_path / "small.index"))
+    assert (tmp_path / "small.index").stat().st_size < 0.3 * (tmp_path / "exact.index").stat().st_size
 
 
 def test_decoder_vectors_are_unit_norm():
