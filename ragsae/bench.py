@@ -175,7 +175,7 @@ def timed_capture(
 
     An entry cached without a timing is captured again only when `need_timing` (sweep rows skip it).
     """
-    key = cache.key(llm.model_hash, layer, cfg.window, "", fingerprint(texts))
+    key = cache.key(llm.activation_key, layer, cfg.window, "", fingerprint(texts))
     acts = cache.load(key)
     meta_path = key / "timing.json"
     if acts is None or (need_timing and not meta_path.is_file()):
@@ -227,7 +227,7 @@ def run_ragsae(
     acts, capture_cost = timed_capture(
         llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"), progress, not bench.sweep
     )
-    acts_key = f"{llm.model_hash}|{layer}|{build.capture.window}|{fingerprint(texts)}"
+    acts_key = f"{llm.activation_key}|{layer}|{build.capture.window}|{fingerprint(texts)}"
     if bench.sae:
         sae = SparseAutoencoder.load(bench.sae)
     else:

@@ -163,13 +163,14 @@ def capture(
 
 
 class ActivationCache:
-    """Activations on disk, keyed by model hash, layer, window, prefix and text fingerprint."""
+    """Activations on disk, keyed by model hash and dtype, layer, window, prefix and text fingerprint."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def key(self, model_hash: str, layer: int, window: int, prefix: str, texts_fingerprint: str) -> Path:
-        raw = f"{model_hash}|{layer}|{window}|{prefix}|{texts_fingerprint}"
+    def key(self, model_key: str, layer: int, window: int, prefix: str, texts_fingerprint: str) -> Path:
+        """Entry folder for `LoadedLlm.activation_key`, layer, window, prefix and texts."""
+        raw = f"{model_key}|{layer}|{window}|{prefix}|{texts_fingerprint}"
         return self.root / hashlib.sha256(raw.encode()).hexdigest()[:24]
 
     def load(self, path: Path) -> TokenActivations | None:
@@ -207,7 +208,7 @@ def capture_cached(
     found: dict[int, TokenActivations] = {}
     if cache is not None:
         for layer in layers:
-            hit = cache.load(cache.key(llm.model_hash, layer, window, prefix, texts_fingerprint))
+            hit = cache.load(cache.key(llm.activation_key, layer, window, prefix, texts_fingerprint))
             if hit is not None:
                 found[layer] = hit
     missing = [layer for layer in layers if layer not in found]
@@ -215,6 +216,6 @@ def capture_cached(
         fresh = capture(llm, texts, missing, window, batch_size, prefix, progress, stopwords)
         if cache is not None:
             for layer, acts in fresh.items():
-                cache.save(cache.key(llm.model_hash, layer, window, prefix, texts_fingerprint), acts)
+                cache.save(cache.key(llm.activation_key, layer, window, prefix, texts_fingerprint), acts)
         found.update(fresh)
     return found

@@ -40,7 +40,7 @@ class LlmConfig:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
-    """'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'."""
+    """'auto' (bfloat16 on CUDA and on CPUs with native bfloat16, else float32), 'float32', 'bfloat16' or 'float16'."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -245,7 +245,12 @@ class Index:
             "format_version": INDEX_FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": library_versions(),
-            "llm": {"model_id": self.llm.model_id, "model_hash": self.llm.model_hash, **to_dict(self.config.llm)},
+            "llm": {
+                "model_id": self.llm.model_id,
+                "model_hash": self.llm.model_hash,
+                "compute_dtype": str(self.llm.dtype).removeprefix("torch."),
+                **to_dict(self.config.llm),
+            },
             "layer": self.config.capture.layer,
             "config": to_dict(self.config),
             "sae": {

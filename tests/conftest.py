@@ -71,7 +71,8 @@ def tiny_llm(tiny_llm_dir):
     from ragsae.config import LlmConfig
     from ragsae.llm import load_llm
 
-    return load_llm(LlmConfig(model=str(tiny_llm_dir), device="cpu"))
+    # float32 pinned: these tests compare activations and codes exactly, whatever the CPU's bfloat16 support.
+    return load_llm(LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32"))
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def tiny_build_config(tiny_llm_dir):
     from ragsae.config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig
 
     return BuildConfig(
-        llm=LlmConfig(model=str(tiny_llm_dir), device="cpu"),
+        llm=LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32"),
         capture=CaptureConfig(layer=2, window=32, overlap=4, batch_size=4),
         sae=SaeConfig(num_latents=128, k=8, epochs=2, batch_size=32, auxk_k=16, dead_after_tokens=64),
         scoring=ScoringConfig(),
