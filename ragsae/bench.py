@@ -197,6 +197,11 @@ def timed_capture(
     }
 
 
+def activations_key(llm: LoadedLlm, layer: int, window: int, texts: list[str]) -> str:
+    """Identity of a collection's passage activations: model, dtype, layer, window and texts."""
+    return f"{llm.activation_key}|{layer}|{window}|{fingerprint(texts)}"
+
+
 def cached_sae(
     acts: TokenActivations, acts_key: str, config: SaeConfig, llm: LoadedLlm, layer: int, root: Path, progress: bool
 ) -> SparseAutoencoder:
@@ -227,7 +232,7 @@ def run_ragsae(
     acts, capture_cost = timed_capture(
         llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"), progress, not bench.sweep
     )
-    acts_key = f"{llm.activation_key}|{layer}|{build.capture.window}|{fingerprint(texts)}"
+    acts_key = activations_key(llm, layer, build.capture.window, texts)
     if bench.sae:
         sae = SparseAutoencoder.load(bench.sae)
     else:

@@ -1,0 +1,76 @@
+"""The exploration script's objective and scoring pieces (benchmarks/explore.py)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from ragsae.capture import TokenActivations
+from ragsae.config import SaeConfig, ScoringConfig
+from ragsae.sae import train_sae
+
+_spec = importlib.util.spec_from_file_location("explore", Path(__file__).parents[1] / "benchmarks" / "explore.py")
+explore = importlib.util.module_from_spec(_spec)
+sys.modules["explore"] = explore
+_spec.loader.exec_module(explore)
+
+
+def test_settings_parse_and_refuse_bad_input():
+    assert explore.FinetuneSetting.parse("1:3e-4:2") == explore.FinetuneSetting(1.0, 3e-4, 2, False)
+    assert explore.FinetuneSetting.parse("0.5:1e-3:1:easy").easy
+    for bad in ("1:2", "a:1e-3:1", "1:1e-3:0", "1:1e-3:1:hard"):
+        with pytest.raises(ValueError, match="setting"):
+            explore.FinetuneSetting.parse(bad)
+
+
+def test_query_expansion_adds_close_latents_only():
+    w_dec = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=np.float32)
+    ids, cosines = explore.decoder_neighbours(w_dec, 1, block=2)
+    assert ids[:, 0].tolist() == [1, 0, 1]
+    query = sp.csr_matrix(np.array([[2.0, 0.0, 0.0]], dtype=np.float32))
+    expanded = explore.expand_queries(query, ids, cosines, alpha=0.5, threshold=0.7).toarray()
+    np.testing.assert_allclose(expanded, [[2.0, 0.5 * 0.8 * 2.0, 0.0]], rtol=1e-6)
+    assert explore.expand_queries(query, ids, cosines, 0.5, 0.9).nnz == 1  # below the threshold: nothing added
+
+
+def test_contrastive_objective_learns_to_pair_pseudo_queries_with_their_passages():
+    """A few InfoNCE + FVU steps raise in-batch accuracy of pseudo-queries (a span of their passage's
+    tokens, with noise) against their passages, while the reconstruction stays faithful."""
+    rng = np.random.default_rng(0)
+    d, n, length = 32, 32, 12
+    topics = 0.5 * rng.normal(size=(n, d)).astype(np.float32)
+    passages = (topics[:, None, :] + rng.normal(size=(n, length, d)).astype(np.float32)).reshape(-1, d)
+    queries = passages.reshape(n, length, d)[:, :3] + 3.0 * rng.normal(size=(n, 3, d)).astype(np.float32)
+    sae, _ = train_sae(passages, SaeConfig(num_latents=64, k=4, epochs=5, batch_size=64, auxk_k=8))
+    data = explore.TrainingData(
+        passages=TokenActivations(passages, np.arange(0, n * length + 1, length)),
+        pseudo_queries=TokenActivations(queries.reshape(-1, d), np.arange(0, n * 3 + 1, 3)),
+        keep=None,
+        idf=torch.ones(64),
+        avg_length=float(length),
+        cluster_vectors=None,
+    )
+    items = np.arange(n)
+    labels = torch.arange(n)
+
+    def loss_and_accuracy():
+        raw, fvu = explore.batch_scores(sae, data, items, ScoringConfig())
+        scores = raw / raw.std(1).mean().detach()
+        return F.cross_entropy(scores, labels), fvu, (scores.argmax(1) == labels).float().mean().item()
+
+    ce_before, fvu_before, acc_before = loss_and_accuracy()
+    sae.train()
+    optimiser = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for _ in range(30):
+        ce, fvu, _ = loss_and_accuracy()
+        explore.optimiser_step(sae, optimiser, fvu + ce)
+    ce_after, fvu_after, acc_after = loss_and_accuracy()
+    assert ce_after < 0.7 * ce_before and acc_after > acc_before + 0.3
+    assert fvu_after < fvu_before + 0.1  # the reconstruction term keeps the codes faithful
+    norms = sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
