@@ -19,6 +19,9 @@ scoring
 prefix
     Text fed before each query and left out of its codes: none, several instructions, the
     tokenizer's chat-template user turn, and that turn followed by "Question: ".
+passage-prefix
+    Text fed before each passage and left out of its codes: none, "Passage: ", "Document: "
+    (passages captured again for each; all coded by the default build's SAE).
 passage-stopwords
     English function words left out of the passage codes too (fed to the LLM, dropped before SAE
     pooling, as queries already are); reports latents per passage.
@@ -88,7 +91,7 @@ from ragsae.storage import temporary_sibling, write_json_atomic
 
 DEPTH = 100
 """Passages retrieved per query (R@100 needs 100)."""
-STUDIES = ("scoring", "prefix", "passage-stopwords", "multilayer", "contrastive")
+STUDIES = ("scoring", "prefix", "passage-prefix", "passage-stopwords", "multilayer", "contrastive")
 
 QUERY_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "binary": np.ones_like,
@@ -107,6 +110,8 @@ PLAIN_PREFIXES = (
     "Find a passage that answers this question: ",
     "A user asks: ",
 )
+PASSAGE_PREFIXES = ("", "Passage: ", "Document: ")
+"""Passage prefixes compared (read by the LLM, left out of the codes)."""
 FUSION_WEIGHTS = (0.5, 1.0)
 """Weights of the other layer's BM25 scores added to the default layer's."""
 
@@ -183,7 +188,7 @@ def make_setup(collection: Collection, build: BuildConfig) -> Setup:
     llm, cfg = collection.llm, build.capture
     cache = ActivationCache(collection.cache_root / "activations")
     acts, _ = timed_capture(llm, collection.texts, cfg.layer, cfg, cache, True, need_timing=False)
-    acts_key = activations_key(llm, cfg.layer, cfg.window, collection.texts)
+    acts_key = activations_key(llm, cfg.layer, cfg, collection.texts)
     sae = cached_sae(acts, acts_key, build.sae, llm, cfg.layer, collection.cache_root, True)
     sae = sae.to(llm.device).eval()
     return Setup(collection, build, acts, sae, read_queries(collection, build, sae, cfg.query_prefix))
@@ -324,10 +329,33 @@ def study_prefix(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]
     return rows
 
 
+# --- study: passage prefix ----------------------------------------------------------------------
+def study_passage_prefix(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per passage prefix: passages captured again with it, coded by the setup's SAE."""
+    queries = pool(setup, setup.query_acts)
+    encoder = code_encoder(setup.collection, setup.build, setup.sae)
+    rows = []
+    for prefix in tqdm(PASSAGE_PREFIXES, desc="passage prefixes"):
+        docs = pool(setup, encoder.activations(setup.collection.texts, prefix, True))
+        label = repr(prefix) if prefix else "no passage prefix"
+        if prefix == setup.build.capture.passage_prefix:
+            label += " (default)"
+        rows.append(result_row(label, sparse_metrics(setup, docs, queries), prefix=prefix))
+    return rows
+
+
 # --- study: passage stopwords -------------------------------------------------------------------
 def passage_token_spans(setup: Setup) -> list[tuple[str, list[tuple[int, int]]]]:
-    """Each passage with the character spans of its captured tokens (the capture's own tokenisation)."""
-    _, _, spans = tokenize(setup.collection.llm, setup.collection.texts, setup.build.capture.window)
+    """Each passage with the character spans of its captured tokens (the capture's own tokenisation,
+    passage prefix fed and left out, spans shifted back onto the passage's own text)."""
+    texts, cfg = setup.collection.texts, setup.build.capture
+    ids, skip, fed = tokenize(setup.collection.llm, texts, cfg.window, cfg.passage_prefix)
+    n_bos = len(ids[0]) - len(fed[0][1])
+    shift = len(fed[0][0]) - len(texts[0])  # characters the prefix adds
+    spans = [
+        (text, [(max(0, a - shift), max(0, b - shift)) for a, b in offsets[skip - n_bos :]])
+        for text, (_, offsets) in zip(texts, fed)
+    ]
     if not np.array_equal([len(offsets) for _, offsets in spans], setup.acts.lengths()):
         raise RuntimeError("passage tokenisation does not match the cached activations")
     return spans
@@ -680,6 +708,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, Any]]]] = {
     "scoring": study_scoring,
     "prefix": study_prefix,
+    "passage-prefix": study_passage_prefix,
     "passage-stopwords": study_passage_stopwords,
     "multilayer": study_multilayer,
     "contrastive": study_contrastive,

@@ -62,7 +62,7 @@ def plot_collection(results: Path, collection: str, studies: list[Path]) -> Path
     for name, score in reference_lines(results, collection).items():
         ax.axvline(score - base, linestyle="--", color="grey")
         ax.text(score - base, -0.8, name, fontsize=7, ha="center")
-    ax.set_xlabel(f"nDCG@10 minus the default configuration's ({base:.4f})")
+    ax.set_xlabel(f"nDCG@10 minus its study's baseline (dashed: BM25 and MiniLM minus {base:.4f})")
     ax.set_title(f"{collection}: explorations")
     fig.tight_layout()
     out = results / f"{collection}-explorations.png"

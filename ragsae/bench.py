@@ -51,6 +51,7 @@ SWEEP_KEYS = {
     "epochs": ("sae", "epochs", int),
     "pooling": ("scoring", "pooling", str),
     "prefix": ("capture", "query_prefix", str),
+    "passage_prefix": ("capture", "passage_prefix", str),
     "max_latents": ("scoring", "max_latents", int),
     "k1": ("scoring", "k1", float),
     "b": ("scoring", "b", float),
@@ -175,12 +176,12 @@ def timed_capture(
 
     An entry cached without a timing is captured again only when `need_timing` (sweep rows skip it).
     """
-    key = cache.key(llm.activation_key, layer, cfg.window, "", fingerprint(texts))
+    key = cache.key(llm.activation_key, layer, cfg.window, cfg.passage_prefix, fingerprint(texts))
     acts = cache.load(key)
     meta_path = key / "timing.json"
     if acts is None or (need_timing and not meta_path.is_file()):
         start = time.perf_counter()
-        acts = capture(llm, texts, [layer], cfg.window, cfg.batch_size, progress=progress)[layer]
+        acts = capture(llm, texts, [layer], cfg.window, cfg.batch_size, cfg.passage_prefix, progress)[layer]
         seconds = time.perf_counter() - start
         cache.save(key, acts)
         write_json_atomic(meta_path, {"seconds": seconds, "device": str(llm.device)})
@@ -197,9 +198,10 @@ def timed_capture(
     }
 
 
-def activations_key(llm: LoadedLlm, layer: int, window: int, texts: list[str]) -> str:
-    """Identity of a collection's passage activations: model, dtype, layer, window and texts."""
-    return f"{llm.activation_key}|{layer}|{window}|{fingerprint(texts)}"
+def activations_key(llm: LoadedLlm, layer: int, cfg: CaptureConfig, texts: list[str]) -> str:
+    """Identity of a collection's passage activations: model, dtype, layer, window, prefix and texts."""
+    prefix = f"|{cfg.passage_prefix}" if cfg.passage_prefix else ""
+    return f"{llm.activation_key}|{layer}|{cfg.window}{prefix}|{fingerprint(texts)}"
 
 
 def cached_sae(
@@ -232,7 +234,7 @@ def run_ragsae(
     acts, capture_cost = timed_capture(
         llm, texts, layer, build.capture, ActivationCache(cache_root / "activations"), progress, not bench.sweep
     )
-    acts_key = activations_key(llm, layer, build.capture.window, texts)
+    acts_key = activations_key(llm, layer, build.capture, texts)
     if bench.sae:
         sae = SparseAutoencoder.load(bench.sae)
     else:

@@ -60,7 +60,9 @@ class CaptureConfig:
     batch_size: int = 16
     """Passages per forward pass (sorted by length to limit padding)."""
     query_prefix: str = "Question: "
-    """Text fed before every query and left out of its codes (documents get none); measured in benchmarks/."""
+    """Text fed before every query and left out of its codes; measured in benchmarks/."""
+    passage_prefix: str = "Document: "
+    """Text fed before every passage and left out of its codes; measured in benchmarks/."""
     query_stopwords: str = "english"
     """Function words fed with a query but left out of its codes: 'english' or 'none'."""
 

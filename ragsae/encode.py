@@ -115,9 +115,13 @@ class CodeEncoder:
             chunks.append(pool(values, indices, acts.offsets[lo : hi + 1] - a, self.sae.num_latents, self.pooling))
         return PooledCodes(sp.vstack(chunks, format="csr"), acts.lengths().astype(np.float32))
 
+    def passage_activations(self, texts: list[str], progress: bool = False) -> TokenActivations:
+        """Activations of passages: the passage prefix is fed to the LLM but left out."""
+        return self.activations(texts, self.capture.passage_prefix, progress)
+
     def encode_documents(self, texts: list[str], progress: bool = False) -> PooledCodes:
-        """Pooled codes of passages (no prefix)."""
-        return self.pool_activations(self.activations(texts, "", progress), progress)
+        """Pooled codes of passages."""
+        return self.pool_activations(self.passage_activations(texts, progress), progress)
 
     def encode_queries(self, texts: list[str], progress: bool = False) -> PooledCodes:
         """Pooled codes of queries: the prefix and stopwords are fed to the LLM but left out of the codes."""

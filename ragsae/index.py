@@ -162,7 +162,7 @@ class Index:
         if sae is None:
             placeholder = SparseAutoencoder(config.sae, llm.d_model)
             encoder = CodeEncoder(llm, placeholder, config.capture, config.scoring.pooling, cache)
-            acts = encoder.activations([p.text for p in passages], progress=progress)
+            acts = encoder.passage_activations([p.text for p in passages], progress=progress)
             trained, report = train_sae(acts.values, config.sae, llm.device, progress)
             trained.metadata.update(
                 llm_id=llm.model_id,
@@ -178,7 +178,7 @@ class Index:
             check_sae_matches(loaded, llm, config.capture.layer, source)
             config = replace(config, sae=loaded.config)
             encoder = CodeEncoder(llm, loaded.to(llm.device).eval(), config.capture, config.scoring.pooling, cache)
-            acts = encoder.activations([p.text for p in passages], progress=progress)
+            acts = encoder.passage_activations([p.text for p in passages], progress=progress)
         pooled = encoder.pool_activations(acts, progress=progress)
         index = cls(encoder, passages, pooled, config, sae_report=report)
         if path is not None:

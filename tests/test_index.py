@@ -38,9 +38,10 @@ def test_search_returns_hits_with_latents(built):
     assert [h.rank for h in hits] == [1, 2, 3]
     assert all(h.score >= hits[-1].score for h in hits)
     assert hits[0].latents and all(w > 0 for _, w in hits[0].latents)
-    # Queries and passages share one encoding path: without prefix and stopword removal, a passage's text as a query
-    # gets exactly that passage's codes.
-    plain = CaptureConfig(**{**to_dict(built.config.capture), "query_prefix": "", "query_stopwords": "none"})
+    # Queries and passages share one encoding path: read with the passage prefix and no stopword removal,
+    # a passage's text as a query gets exactly that passage's codes.
+    capture = to_dict(built.config.capture)
+    plain = CaptureConfig(**{**capture, "query_prefix": capture["passage_prefix"], "query_stopwords": "none"})
     built.encoder.capture = plain
     for row, doc in enumerate(TOY_DOCS[:4]):
         query = built.encode_queries([doc["title"] + "\n" + doc["text"]])
@@ -130,3 +131,15 @@ def test_pruned_index_saves_and_reloads_pruned_codes(tiny_build_config, tiny_llm
     assert [h.passage_id for h in loaded.search("zip archives", 3)] == [
         h.passage_id for h in built.search("zip archives", 3)
     ]
+
+
+def test_passage_prefix_is_read_but_not_coded(built):
+    encoder, text = built.encoder, TOY_DOCS[0]["title"] + "\n" + TOY_DOCS[0]["text"]
+    assert encoder.capture.passage_prefix == "Document: "
+    with_prefix = encoder.passage_activations([text])
+    without = encoder.activations([text], "")
+    assert len(with_prefix.values) == len(without.values)  # the prefix adds no token rows
+    assert not np.allclose(with_prefix.values, without.values)  # but it changes what the text's tokens carry
+    np.testing.assert_allclose(
+        encoder.encode_documents([text]).codes.toarray(), built.pooled.codes[0].toarray(), rtol=2e-3, atol=1e-3
+    )
