@@ -51,7 +51,6 @@ import copy
 import dataclasses
 import datetime as _dt
 import logging
-import os
 import re
 import sys
 import time
@@ -87,7 +86,7 @@ from ragsae.llm import LoadedLlm, load_llm
 from ragsae.retrieve import Retriever, bm25_document_weights, decoder_vectors, inverted_index, latent_idf, top_k
 from ragsae.sae import SparseAutoencoder, evaluate_sae
 from ragsae.stopwords import STOPWORD_LISTS
-from ragsae.storage import temporary_sibling, write_json_atomic
+from ragsae.storage import write_json_atomic, write_text_atomic
 
 DEPTH = 100
 """Passages retrieved per query (R@100 needs 100)."""
@@ -697,12 +696,6 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
         cells += [format_value(row["columns"].get(key)) for key in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = temporary_sibling(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, Any]]]] = {

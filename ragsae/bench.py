@@ -37,7 +37,7 @@ from .index import Index, library_versions
 from .llm import LoadedLlm, load_llm
 from .retrieve import FaissSearcher
 from .sae import SparseAutoencoder, train_sae
-from .storage import save_npy_atomic, write_json_atomic
+from .storage import save_npy_atomic, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -250,10 +250,15 @@ def run_ragsae(
     with tempfile.TemporaryDirectory() as tmp:
         index.save(Path(tmp) / "index")
         disk = {name: (Path(tmp) / "index" / name).stat().st_size for name in ("codes.npz", "faiss.index")}
-    codes = index.pooled.codes
+    codes, retriever = index.pooled.codes, index.retriever
+    # In memory: the three CSR copies the retriever keeps (codes, BM25 weights, postings) and the
+    # FAISS codes (its file's size: 8-bit vectors plus a small header).
     memory = (
-        int(codes.data.nbytes + codes.indices.nbytes + codes.indptr.nbytes)
-        + index.retriever.faiss.index.ntotal * sae.d_model * 4
+        sum(
+            int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+            for m in (retriever.codes, retriever.doc_weights, retriever.postings)
+        )
+        + disk["faiss.index"]
     )
     qids = list(queries)
     doc_ids = [p.doc_id for p in passages]
@@ -593,6 +598,6 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
     stem = sweep_stem(collection, bench.sweep)
     write_json_atomic(out / f"{stem}.json", result)
     title = f"{collection} ({len(documents)} documents, {len(queries)} judged queries)"
-    (out / f"{stem}.md").write_text(markdown_table(rows, title) + f"\nCommand: `{result['command']}`\n")
+    write_text_atomic(out / f"{stem}.md", markdown_table(rows, title) + f"\nCommand: `{result['command']}`\n")
     result["plots"] = plot(rows, out / stem, collection)
     return result

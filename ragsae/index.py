@@ -248,7 +248,7 @@ class Index:
             "llm": {
                 "model_id": self.llm.model_id,
                 "model_hash": self.llm.model_hash,
-                "compute_dtype": str(self.llm.dtype).removeprefix("torch."),
+                "compute_dtype": self.llm.dtype_name,
                 **to_dict(self.config.llm),
             },
             "layer": self.config.capture.layer,

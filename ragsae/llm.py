@@ -54,7 +54,7 @@ def native_bf16_cpu() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on CUDA and on CPUs with native bfloat16 (3x the capture speed of float32 on
+    """'auto': bfloat16 on CUDA and on CPUs with native bfloat16 (2.6x the capture speed of float32 on
     the benchmark machine at the same retrieval quality, benchmarks/README.md), float32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" or native_bf16_cpu() else torch.float32
@@ -95,9 +95,14 @@ class LoadedLlm:
     dtype: torch.dtype = torch.float32
 
     @property
+    def dtype_name(self) -> str:
+        """The compute dtype as configs spell it ('float32', 'bfloat16', ...)."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def activation_key(self) -> str:
         """Identity of the activations this model produces: weights and compute dtype."""
-        return f"{self.model_hash}|{str(self.dtype).removeprefix('torch.')}"
+        return f"{self.model_hash}|{self.dtype_name}"
 
     @property
     def num_layers(self) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,19 +27,31 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
+@contextlib.contextmanager
+def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A handle on a temporary sibling of `path`, renamed over `path` only if the block succeeds."""
     path = Path(path)
     tmp = temporary_sibling(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_output(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    with open(tmp, "wb") as handle:
+    with atomic_output(path) as handle:
         np.save(handle, array)
-    os.replace(tmp, path)
 
 
 def read_versioned_json(path: str | Path, version: int, error: type[Exception], what: str) -> dict[str, Any]:
@@ -57,37 +71,39 @@ def read_versioned_json(path: str | Path, version: int, error: type[Exception], 
     return data
 
 
-def compact_csr_arrays(matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
-    """A CSR matrix as small arrays: uint16 column ids when they fit, float16 values.
+def float16_values(matrix: sp.csr_matrix) -> np.ndarray:
+    """The stored values of `matrix` as float16; refuses values that are not finite or overflow it.
 
     Pooled codes are non-negative sums of a few activations; float16 keeps 3 significant digits,
     far below what BM25 saturation can tell apart, and halves the values' size.
     """
     if matrix.nnz and (not np.isfinite(matrix.data).all() or np.abs(matrix.data).max() > np.finfo(np.float16).max):
         raise ValueError("values are not finite or overflow float16 storage")
+    return matrix.data.astype(np.float16)
+
+
+def compact_csr_arrays(matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
+    """A CSR matrix as small arrays: uint16 column ids when they fit, float16 values."""
     index_dtype = np.uint16 if matrix.shape[1] <= 1 << 16 else np.int32
     return {
         "shape": np.array(matrix.shape, dtype=np.int64),
         "indptr": matrix.indptr.astype(np.int64),
         "indices": matrix.indices.astype(index_dtype),
-        "values": matrix.data.astype(np.float16),
+        "values": float16_values(matrix),
     }
 
 
 def storage_precision(matrix: sp.csr_matrix) -> sp.csr_matrix:
     """`matrix` with its values rounded to float16 as `save_compact_csr_atomic` stores them (float32 kept)."""
     rounded = matrix.copy()
-    rounded.data = compact_csr_arrays(matrix)["values"].astype(np.float32)
+    rounded.data = float16_values(matrix).astype(np.float32)
     return rounded
 
 
 def save_compact_csr_atomic(path: str | Path, matrix: sp.csr_matrix) -> None:
     """Write `compact_csr_arrays(matrix)` as an uncompressed .npz via a temporary file and a rename."""
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    with open(tmp, "wb") as handle:
+    with atomic_output(path) as handle:
         np.savez(handle, **compact_csr_arrays(matrix))
-    os.replace(tmp, path)
 
 
 def load_compact_csr(path: str | Path, error: type[Exception] = ValueError) -> sp.csr_matrix:

@@ -62,3 +62,14 @@ def test_corrupt_files_are_named(tmp_path):
     path.write_bytes(b"not an npz")
     with pytest.raises(ValueError, match="not a readable"):
         load_compact_csr(path)
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    from ragsae.storage import atomic_output, write_text_atomic
+
+    path = tmp_path / "out.md"
+    write_text_atomic(path, "old")
+    with pytest.raises(RuntimeError), atomic_output(path, "w") as handle:
+        handle.write("half")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.md"]
