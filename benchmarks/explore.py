@@ -1,5 +1,5 @@
-"""Exploration studies on one BEIR collection: scoring variants, query prefixes, passage stopwords,
-multi-layer codes and contrastive SAE fine-tuning.
+"""Exploration studies on one BEIR collection: scoring variants, pseudo-relevance feedback, query
+prefixes, passage stopwords, multi-layer codes and contrastive SAE fine-tuning.
 
 python benchmarks/explore.py DATASET_DIR STUDY [--cache-dir benchmarks/.cache] [--output-dir benchmarks/results]
 
@@ -12,6 +12,9 @@ codes are pooled once per SAE and re-scored for each row.
 
 Studies (STUDY):
 
+feedback
+    Pseudo-relevance feedback over latents (`retrieve.feedback_queries`): no feedback, then every
+    combination of first-search passages, feedback weight and feedback latents kept.
 scoring
     Query weights (pooled activation, binary, sqrt, log1p), BM25 k1 and b, and query expansion
     through decoder directions: each query latent adds its `m` nearest latents (decoder cosine above
@@ -83,14 +86,23 @@ from ragsae.corpus import Passage, split_passages
 from ragsae.encode import CodeEncoder, PooledCodes
 from ragsae.index import library_versions
 from ragsae.llm import LoadedLlm, load_llm
-from ragsae.retrieve import Retriever, bm25_document_weights, decoder_vectors, inverted_index, latent_idf, top_k
+from ragsae.retrieve import (
+    Retriever,
+    bm25_document_weights,
+    decoder_vectors,
+    feedback_queries,
+    inverted_index,
+    latent_idf,
+    sparse_search,
+    top_k,
+)
 from ragsae.sae import SparseAutoencoder, evaluate_sae
 from ragsae.stopwords import STOPWORD_LISTS
 from ragsae.storage import write_json_atomic, write_text_atomic
 
 DEPTH = 100
 """Passages retrieved per query (R@100 needs 100)."""
-STUDIES = ("scoring", "prefix", "passage-prefix", "passage-stopwords", "multilayer", "contrastive")
+STUDIES = ("scoring", "feedback", "prefix", "passage-prefix", "passage-stopwords", "multilayer", "contrastive")
 
 QUERY_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "binary": np.ones_like,
@@ -99,6 +111,10 @@ QUERY_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 K1_VALUES = (0.6, 0.9, 1.5, 2.0)
 B_VALUES = (0.4, 0.6, 0.9)
+FEEDBACK_PASSAGES = (3, 5, 10, 20)
+FEEDBACK_WEIGHTS = (0.3, 0.6, 1.0, 1.5)
+FEEDBACK_LATENTS = (50, 100, 200)
+"""The pseudo-relevance feedback grid: first-search passages, feedback weight, feedback latents kept."""
 EXPANSIONS = ((5, 0.5, 0.3), (5, 0.3, 0.4), (10, 0.3, 0.3), (3, 1.0, 0.5))
 """Query expansion settings: (neighbours per latent, alpha, minimum decoder cosine)."""
 PLAIN_PREFIXES = (
@@ -297,6 +313,32 @@ def study_scoring(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]
         expanded = expand_queries(q, *neighbours[m], alpha, threshold)
         label = f"expansion m={m} alpha={alpha} cos>{threshold}"
         rows.append(scored(label, expanded, expansion={"neighbours": m, "alpha": alpha, "threshold": threshold}))
+    return rows
+
+
+# --- study: feedback ---------------------------------------------------------------------------
+def study_feedback(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """No feedback, then the FEEDBACK_* grid, all through the library's feedback and sparse search."""
+    docs, queries = pool(setup, setup.acts, progress=True), pool(setup, setup.query_acts)
+    default = setup.build.scoring
+    scoring = dataclasses.replace(default, feedback_passages=0)
+    w_dec = setup.sae.W_dec.detach().cpu().numpy()
+    retriever = Retriever(docs.codes, docs.lengths, w_dec, scoring)
+    q = retriever.query_weights(queries.codes)
+    metrics = run_metrics(setup.collection, *sparse_search(q, retriever.postings, DEPTH))
+    rows = [result_row("baseline: no feedback", metrics, {"latents/query": per_row(q)}, feedback_passages=0)]
+    for passages in FEEDBACK_PASSAGES:
+        _, first = sparse_search(q, retriever.postings, passages)
+        for weight in FEEDBACK_WEIGHTS:
+            for latents in FEEDBACK_LATENTS:
+                expanded = feedback_queries(q, first, retriever.doc_weights, retriever.doc_norms, weight, latents)
+                metrics = run_metrics(setup.collection, *sparse_search(expanded, retriever.postings, DEPTH))
+                label = f"passages={passages} weight={weight} latents={latents}"
+                setting = (passages, weight, latents)
+                if setting == (default.feedback_passages, default.feedback_weight, default.feedback_latents):
+                    label += " (default)"
+                details = {"feedback_passages": passages, "feedback_weight": weight, "feedback_latents": latents}
+                rows.append(result_row(label, metrics, {"latents/query": per_row(expanded)}, **details))
     return rows
 
 
@@ -700,6 +742,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
 
 STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, Any]]]] = {
     "scoring": study_scoring,
+    "feedback": study_feedback,
     "prefix": study_prefix,
     "passage-prefix": study_passage_prefix,
     "passage-stopwords": study_passage_stopwords,

@@ -29,9 +29,9 @@ def reference_lines(results: Path, collection: str) -> dict[str, float]:
 
 
 def baseline_row(rows: list[dict]) -> dict:
-    """The row a study compares against: 'baseline', the one marked '(default)', else the first."""
+    """The row a study compares against: 'baseline...', the one marked '(default)', else the first."""
     for row in rows:
-        if row["setting"] == "baseline" or "(default)" in row["setting"]:
+        if row["setting"].startswith("baseline") or "(default)" in row["setting"]:
             return row
     return rows[0]
 

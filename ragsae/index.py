@@ -208,7 +208,8 @@ class Index:
             if not text.strip():
                 raise ValueError(f"query {qid!r} is empty")
         qcodes = self.encode_queries(list(queries.values()))
-        scores, ids = self.retriever.search(qcodes, k, mode)
+        weights = self.retriever.query_weights(qcodes)
+        scores, ids = self.retriever.search(qcodes, k, mode, weights)
         top = self.config.scoring.explain_top
         results: dict[str, list[Hit]] = {}
         for row, qid in enumerate(queries):
@@ -217,7 +218,7 @@ class Index:
                 if pid < 0:
                     continue
                 passage = self.passages[pid]
-                latents = self.retriever.explain(qcodes[row], int(pid), top)
+                latents = self.retriever.explain(weights[row], int(pid), top)
                 hits.append(Hit(passage.passage_id, passage.doc_id, float(score), rank, passage.text, latents))
             results[qid] = hits
         return results

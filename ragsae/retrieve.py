@@ -87,6 +87,37 @@ def sparse_search(query_weights: sp.csr_matrix, postings: sp.csr_matrix, k: int)
     return top_k(scores, k)
 
 
+def row_norms(matrix: sp.csr_matrix) -> np.ndarray:
+    """L2 norm of every row of a sparse matrix."""
+    return np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1), dtype=np.float64).ravel())
+
+
+def feedback_queries(
+    query_weights: sp.csr_matrix,
+    top_ids: np.ndarray,
+    doc_weights: sp.csr_matrix,
+    doc_norms: np.ndarray,
+    weight: float,
+    latents: int,
+) -> sp.csr_matrix:
+    """Rocchio pseudo-relevance feedback over latents: unit query + weight * feedback, per query row.
+
+    The feedback of a query is the mean of the unit-normalised weight rows of its first-search
+    passages `top_ids` (nq, m; -1 entries ignored), cut to its `latents` strongest entries.
+    """
+    nq, n = query_weights.shape[0], doc_weights.shape[0]
+    rows, cols = np.nonzero(top_ids >= 0)
+    passages = top_ids[rows, cols]
+    per_query = np.maximum(np.bincount(rows, minlength=nq), 1)
+    norms = np.maximum(doc_norms[passages], 1e-12)
+    selection = sp.csr_matrix(((1.0 / (per_query[rows] * norms)).astype(np.float32), (rows, passages)), shape=(nq, n))
+    feedback = (selection @ doc_weights).tocsr()
+    feedback = prune_rows(feedback, feedback, latents)
+    query_norms = np.maximum(row_norms(query_weights), 1e-12).astype(np.float32)
+    unit_query = sp.diags(1.0 / query_norms) @ query_weights
+    return (unit_query + weight * feedback).tocsr().astype(np.float32)
+
+
 def decoder_vectors(weights: sp.csr_matrix, w_dec: np.ndarray) -> np.ndarray:
     """Dense (n, d_model) L2-normalised vectors sum_j weight_j * W_dec[j]: codes mapped back to model space.
 
@@ -193,6 +224,7 @@ class Retriever:
         self.codes = codes
         self.doc_weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
         self.postings = inverted_index(self.doc_weights)
+        self.doc_norms = row_norms(self.doc_weights)
         self.w_dec = w_dec
         self._faiss = faiss_searcher
 
@@ -203,29 +235,49 @@ class Retriever:
         return self._faiss
 
     def query_weights(self, query_codes: sp.csr_matrix) -> sp.csr_matrix:
-        """Query latent weights: pooled activation (BM25's query term frequency is its count)."""
-        return query_codes.astype(np.float32)
+        """Latent weights that sparse scoring uses: the pooled activations (BM25's query term
+        frequency), joined by pseudo-relevance feedback latents when `feedback_passages` > 0."""
+        q = query_codes.astype(np.float32)
+        depth = self.config.feedback_passages
+        if depth == 0 or q.shape[0] == 0:
+            return q
+        _, top = sparse_search(q, self.postings, depth)
+        return feedback_queries(
+            q, top, self.doc_weights, self.doc_norms, self.config.feedback_weight, self.config.feedback_latents
+        )
 
-    def search(self, query_codes: sp.csr_matrix, k: int, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of shape (nq, k) for pooled query codes; ids are passage rows, -1 padded."""
+    def search(
+        self,
+        query_codes: sp.csr_matrix,
+        k: int,
+        mode: str | None = None,
+        weights: sp.csr_matrix | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of shape (nq, k) for pooled query codes; ids are passage rows, -1 padded.
+
+        `weights` are the query's sparse weights if already computed (`query_weights`).
+        """
         mode = mode or self.config.mode
-        q = self.query_weights(query_codes)
+        if mode not in ("sparse", "faiss", "fused"):
+            raise ValueError(f"unknown search mode {mode!r}")
+        if mode != "faiss" and weights is None:
+            weights = self.query_weights(query_codes)
         if mode == "sparse":
-            return sparse_search(q, self.postings, k)
-        # Queries are mapped to decoder space with idf weighting, as documents are.
+            return sparse_search(weights, self.postings, k)
+        # Queries are mapped to decoder space with idf weighting, as documents are (no feedback).
+        q = query_codes.astype(np.float32)
         dense_q = decoder_vectors(q.multiply(self.idf[None, :]).tocsr(), self.w_dec)
         if mode == "faiss":
             return self.faiss.search(dense_q, k)
-        if mode == "fused":
-            depth = max(k, 100)
-            runs = [sparse_search(q, self.postings, depth), self.faiss.search(dense_q, depth)]
-            weight = self.config.fusion_weight
-            return reciprocal_rank_fusion(runs, [weight, 1 - weight], k)
-        raise ValueError(f"unknown search mode {mode!r}")
+        depth = max(k, 100)
+        runs = [sparse_search(weights, self.postings, depth), self.faiss.search(dense_q, depth)]
+        weight = self.config.fusion_weight
+        return reciprocal_rank_fusion(runs, [weight, 1 - weight], k)
 
-    def explain(self, query_codes: sp.csr_matrix, row: int, top: int) -> list[tuple[int, float]]:
-        """Latents of one query (1, m) that contribute most to its sparse score with passage `row`."""
-        contrib = self.query_weights(query_codes).multiply(self.doc_weights[row]).tocsr()
+    def explain(self, weights: sp.csr_matrix, row: int, top: int) -> list[tuple[int, float]]:
+        """Latents of one query's sparse weights (1, m; from `query_weights`) that contribute most
+        to its sparse score with passage `row`."""
+        contrib = weights.multiply(self.doc_weights[row]).tocsr()
         if contrib.nnz == 0:
             return []
         order = np.argsort(-contrib.data)[:top]

@@ -9,6 +9,7 @@ from ragsae.retrieve import (
     Retriever,
     bm25_document_weights,
     decoder_vectors,
+    feedback_queries,
     inverted_index,
     latent_idf,
     reciprocal_rank_fusion,
@@ -124,7 +125,7 @@ def test_retriever_modes_find_self(mode):
     rows = [r for r in range(40) if codes[r].nnz >= 3][:5]
     scores, ids = retriever.search(codes[rows], 3)
     assert (ids[:, 0] == rows).all()
-    explained = retriever.explain(codes[rows[0]], rows[0], 2)
+    explained = retriever.explain(retriever.query_weights(codes[rows[:1]]), rows[0], 2)
     assert len(explained) == 2 and explained[0][1] >= explained[1][1]
 
 
@@ -144,3 +145,40 @@ def test_pruning_keeps_the_strongest_latents_per_passage():
         codes, np.full(12, 5.0, dtype=np.float32), np.eye(40, dtype=np.float32), ScoringConfig(max_latents=4)
     )
     assert np.diff(retriever.codes.indptr).max() == 4 and np.diff(retriever.doc_weights.indptr).max() == 4
+
+
+def test_feedback_queries_match_rocchio_formula():
+    docs, queries = random_codes(n=25, m=30, density=0.3), random_codes(n=3, m=30, seed=2)
+    top = np.array([[4, 9, 1], [0, -1, -1], [7, 7, 3]])
+    got = feedback_queries(queries, top, docs, np.linalg.norm(docs.toarray(), axis=1), 0.7, 5).toarray()
+    dense, q = docs.toarray(), queries.toarray()
+    for i in range(3):
+        rows = [r for r in top[i] if r >= 0]
+        feedback = np.mean([dense[r] / np.linalg.norm(dense[r]) for r in rows], axis=0)
+        feedback[np.argsort(-feedback)[5:]] = 0  # only the 5 strongest feedback latents
+        np.testing.assert_allclose(got[i], q[i] / np.linalg.norm(q[i]) + 0.7 * feedback, rtol=1e-5, atol=1e-7)
+
+
+def test_feedback_finds_a_passage_that_shares_no_latent_with_the_query():
+    # passage 0 matches the query's latent 0 and also carries latents 5 and 6; passage 1 has
+    # only 5 and 6 (the same topic in other words); passage 2 is unrelated.
+    codes = sp.csr_matrix(np.array([[2, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 2, 2, 0], [0, 0, 0, 1, 0, 0, 0, 2.0]]))
+    lengths, w_dec = np.full(3, 4.0, dtype=np.float32), np.eye(8, dtype=np.float32)
+    query = sp.csr_matrix(np.array([[1.0, 0, 0, 0, 0, 0, 0, 0]]))
+    plain = Retriever(codes, lengths, w_dec, ScoringConfig(feedback_passages=0))
+    scores, ids = plain.search(query, 3)
+    assert ids[0, 0] == 0 and 1 not in ids[0][np.isfinite(scores[0]) & (scores[0] > 0)]
+    assert (plain.query_weights(query) != query).nnz == 0  # feedback off: the pooled codes as they are
+    retriever = Retriever(codes, lengths, w_dec, ScoringConfig(feedback_passages=1, feedback_latents=3))
+    weights = retriever.query_weights(query)
+    assert set(weights.indices) == {0, 5, 6}
+    scores, ids = retriever.search(query, 3)
+    assert ids[0].tolist() == [0, 1, 2] and scores[0, 1] > 0 and scores[0, 2] == 0
+    assert {j for j, _ in retriever.explain(weights, 1, 3)} == {5, 6}  # why passage 1 matched
+
+
+def test_feedback_settings_are_validated():
+    with pytest.raises(ValueError, match="feedback_passages"):
+        ScoringConfig(feedback_passages=-1)
+    with pytest.raises(ValueError, match="feedback_latents"):
+        ScoringConfig(feedback_latents=0)
