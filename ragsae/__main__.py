@@ -17,6 +17,7 @@ from .config import (
     LlmConfig,
     SaeConfig,
     ScoringConfig,
+    optional_int,
 )
 
 DEFAULT_DEMO_INDEX = Path("indexes") / "stdlib-docs"
@@ -54,6 +55,18 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scoring")
     group.add_argument("--pooling", choices=POOLINGS, default=score.pooling, help=f"(default: {score.pooling})")
     group.add_argument("--mode", choices=SEARCH_MODES, default=score.mode, help=f"(default: {score.mode})")
+    group.add_argument(
+        "--max-latents",
+        type=optional_int,
+        default=score.max_latents,
+        help=f"strongest latents kept per passage, or 'all' (default: {score.max_latents})",
+    )
+    group.add_argument(
+        "--feedback-passages",
+        type=int,
+        default=score.feedback_passages,
+        help=f"pseudo-relevance feedback passages, 0 for none (default: {score.feedback_passages})",
+    )
 
 
 def build_config(args: argparse.Namespace) -> BuildConfig:
@@ -67,7 +80,12 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
             epochs=args.epochs,
             seed=args.seed,
         ),
-        scoring=ScoringConfig(pooling=args.pooling, mode=args.mode),
+        scoring=ScoringConfig(
+            pooling=args.pooling,
+            mode=args.mode,
+            max_latents=args.max_latents,
+            feedback_passages=args.feedback_passages,
+        ),
     )
 
 

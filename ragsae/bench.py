@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .capture import ActivationCache, TokenActivations, capture
-from .config import BuildConfig, CaptureConfig, SaeConfig, to_dict
+from .config import BuildConfig, CaptureConfig, SaeConfig, optional_int, to_dict
 from .corpus import Document, Passage, fingerprint, load_documents, read_qrels, read_queries, split_passages
 from .encode import CodeEncoder
 from .index import Index, library_versions
@@ -52,7 +52,8 @@ SWEEP_KEYS = {
     "pooling": ("scoring", "pooling", str),
     "prefix": ("capture", "query_prefix", str),
     "passage_prefix": ("capture", "passage_prefix", str),
-    "max_latents": ("scoring", "max_latents", int),
+    "max_latents": ("scoring", "max_latents", optional_int),
+    "feedback": ("scoring", "feedback_passages", int),
     "k1": ("scoring", "k1", float),
     "b": ("scoring", "b", float),
 }

@@ -35,8 +35,9 @@ from .storage import (
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT_VERSION = 2
-"""2: compact codes (uint16 latent ids, float16 values) and an 8-bit scalar-quantised FAISS index."""
+INDEX_FORMAT_VERSION = 3
+"""3: compact codes (uint16 latent ids, 8-bit log-scale values) and an 8-bit scalar-quantised FAISS
+index; the manifest's capture config records the passage prefix. (2: float16 values, no passage prefix.)"""
 MANIFEST_FILE = "manifest.json"
 CODES_FILE = "codes.npz"
 LENGTHS_FILE = "lengths.npy"

@@ -71,32 +71,48 @@ def read_versioned_json(path: str | Path, version: int, error: type[Exception], 
     return data
 
 
-def float16_values(matrix: sp.csr_matrix) -> np.ndarray:
-    """The stored values of `matrix` as float16; refuses values that are not finite or overflow it.
+LOG2_VALUE_RANGE = (-8.0, 12.0)
+"""Stored code values are 8-bit steps on a log2 scale over [2**-8, 2**12] (clamped into it)."""
+VALUE_LEVELS = 255
 
-    Pooled codes are non-negative sums of a few activations; float16 keeps 3 significant digits,
-    far below what BM25 saturation can tell apart, and halves the values' size.
+
+def log8_encode(values: np.ndarray, log2_range: tuple[float, float] = LOG2_VALUE_RANGE) -> np.ndarray:
+    """Positive values as uint8 steps of a log2 grid over `log2_range`; refuses non-finite or non-positive ones.
+
+    Pooled codes are positive sums of a few activations and BM25 saturates them, so a relative
+    step of 2**(20/255) (at most 2.8% error; measured: no change in nDCG@10) is far below what the
+    scores can tell apart. Values on the grid encode to themselves, so encoding is idempotent.
     """
-    if matrix.nnz and (not np.isfinite(matrix.data).all() or np.abs(matrix.data).max() > np.finfo(np.float16).max):
-        raise ValueError("values are not finite or overflow float16 storage")
-    return matrix.data.astype(np.float16)
+    values = np.asarray(values, dtype=np.float64)
+    if values.size and (not np.isfinite(values).all() or values.min() <= 0):
+        raise ValueError("8-bit log storage needs finite positive values")
+    lo, hi = log2_range
+    steps = np.rint((np.log2(values) - lo) * (VALUE_LEVELS / (hi - lo)))
+    return np.clip(steps, 0, VALUE_LEVELS).astype(np.uint8)
+
+
+def log8_decode(steps: np.ndarray, log2_range: tuple[float, float] = LOG2_VALUE_RANGE) -> np.ndarray:
+    """float32 values of uint8 steps written by `log8_encode`."""
+    lo, hi = log2_range
+    return np.exp2(lo + steps.astype(np.float64) * ((hi - lo) / VALUE_LEVELS)).astype(np.float32)
 
 
 def compact_csr_arrays(matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
-    """A CSR matrix as small arrays: uint16 column ids when they fit, float16 values."""
+    """A CSR matrix as small arrays: uint16 column ids when they fit, 8-bit log-scale values."""
     index_dtype = np.uint16 if matrix.shape[1] <= 1 << 16 else np.int32
     return {
         "shape": np.array(matrix.shape, dtype=np.int64),
         "indptr": matrix.indptr.astype(np.int64),
         "indices": matrix.indices.astype(index_dtype),
-        "values": float16_values(matrix),
+        "values": log8_encode(matrix.data),
+        "log2_range": np.array(LOG2_VALUE_RANGE, dtype=np.float64),
     }
 
 
 def storage_precision(matrix: sp.csr_matrix) -> sp.csr_matrix:
-    """`matrix` with its values rounded to float16 as `save_compact_csr_atomic` stores them (float32 kept)."""
-    rounded = matrix.copy()
-    rounded.data = float16_values(matrix).astype(np.float32)
+    """`matrix` with its values rounded as `save_compact_csr_atomic` stores them (float32 kept)."""
+    rounded = matrix.copy().astype(np.float32)
+    rounded.data = log8_decode(log8_encode(matrix.data))
     return rounded
 
 
@@ -111,20 +127,23 @@ def load_compact_csr(path: str | Path, error: type[Exception] = ValueError) -> s
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            parts = {name: arrays[name] for name in ("shape", "indptr", "indices", "values")}
+            parts = {name: arrays[name] for name in ("shape", "indptr", "indices", "values", "log2_range")}
     except KeyError as exc:
         raise error(f"{path}: missing array {exc}") from None
     except (OSError, ValueError) as exc:
         raise error(f"{path}: not a readable .npz file ({exc})") from None
-    shape, indptr, indices, values = (parts[n] for n in ("shape", "indptr", "indices", "values"))
+    shape, indptr, indices, values, log2_range = (
+        parts[n] for n in ("shape", "indptr", "indices", "values", "log2_range")
+    )
     if shape.shape != (2,) or indptr.shape != (int(shape[0]) + 1,):
         raise error(f"{path}: indptr has {indptr.shape[0]} entries for shape {tuple(shape)}")
     if indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != len(indices) or len(values) != len(indices):
         raise error(f"{path}: inconsistent indptr / indices / values lengths")
     if len(indices) and (indices.min() < 0 or indices.max() >= shape[1]):
         raise error(f"{path}: column index outside [0, {int(shape[1])})")
-    if not np.isfinite(values).all():
-        raise error(f"{path}: non-finite values")
-    return sp.csr_matrix(
-        (values.astype(np.float32), indices.astype(np.int32), indptr), shape=(int(shape[0]), int(shape[1]))
-    )
+    if values.dtype != np.uint8:
+        raise error(f"{path}: values are {values.dtype}, expected uint8 log-scale steps")
+    if log2_range.shape != (2,) or not np.isfinite(log2_range).all() or not log2_range[0] < log2_range[1]:
+        raise error(f"{path}: log2_range must be two finite increasing numbers, got {log2_range.tolist()}")
+    decoded = log8_decode(values, (float(log2_range[0]), float(log2_range[1])))
+    return sp.csr_matrix((decoded, indices.astype(np.int32), indptr), shape=(int(shape[0]), int(shape[1])))

@@ -47,6 +47,11 @@ def test_sweep_parsing_and_validation():
         parse_sweep(["depth=3"])
     with pytest.raises(ValueError, match="values must be int"):
         parse_sweep(["layer=four"])
+    assert parse_sweep(["max_latents=128,all", "feedback=0"]) == [
+        {"max_latents": 128, "feedback": 0},
+        {"max_latents": None, "feedback": 0},
+    ]
+    assert apply_setting(BuildConfig(), {"max_latents": None, "feedback": 0}).scoring.feedback_passages == 0
     assert sweep_stem("cranfield", ["layer=4,8", "k=16"]) == "cranfield-sweep-layer-k"
     assert sweep_stem("cranfield", []) == "cranfield"
     with pytest.raises(ValueError, match="pooling must be one of"):

@@ -42,6 +42,10 @@ def test_build_search_info_on_tiny_model(tiny_llm_dir, tmp_path, capsys):
         "4",
         "--epochs",
         "1",
+        "--max-latents",
+        "all",
+        "--feedback-passages",
+        "2",
     ]
     # Three passages are fewer tokens than one SAE batch: the error must say so.
     assert main(args) == 2
@@ -53,4 +57,7 @@ def test_build_search_info_on_tiny_model(tiny_llm_dir, tmp_path, capsys):
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 2 and hits[0]["rank"] == 1
     assert main(["info", str(tmp_path / "idx")]) == 0
-    assert json.loads(capsys.readouterr().out)["counts"]["documents"] == 4
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"]["documents"] == 4
+    scoring = json.loads((tmp_path / "idx" / "manifest.json").read_text())["config"]["scoring"]
+    assert scoring["max_latents"] is None and scoring["feedback_passages"] == 2

@@ -45,8 +45,8 @@ def test_search_returns_hits_with_latents(built):
     built.encoder.capture = plain
     for row, doc in enumerate(TOY_DOCS[:4]):
         query = built.encode_queries([doc["title"] + "\n" + doc["text"]])
-        # Stored codes are float16: equal to 3 significant digits (and batching noise).
-        np.testing.assert_allclose(query.toarray(), built.pooled.codes[row].toarray(), rtol=2e-3, atol=1e-3)
+        # Stored values are 8-bit log-scale steps (2.8% apart) clamped at 2**-8: equal up to one step.
+        np.testing.assert_allclose(query.toarray(), built.pooled.codes[row].toarray(), rtol=0.06, atol=4e-3)
 
 
 def test_load_round_trip(built, tiny_llm, tmp_path):
@@ -141,5 +141,5 @@ def test_passage_prefix_is_read_but_not_coded(built):
     assert len(with_prefix.values) == len(without.values)  # the prefix adds no token rows
     assert not np.allclose(with_prefix.values, without.values)  # but it changes what the text's tokens carry
     np.testing.assert_allclose(
-        encoder.encode_documents([text]).codes.toarray(), built.pooled.codes[0].toarray(), rtol=2e-3, atol=1e-3
+        encoder.encode_documents([text]).codes.toarray(), built.pooled.codes[0].toarray(), rtol=0.06, atol=4e-3
     )
