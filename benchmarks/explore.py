@@ -13,8 +13,9 @@ codes are pooled once per SAE and re-scored for each row.
 Studies (STUDY):
 
 feedback
-    Pseudo-relevance feedback over latents (`retrieve.feedback_queries`): no feedback, then every
-    combination of first-search passages, feedback weight and feedback latents kept.
+    Pseudo-relevance feedback over latents (`retrieve.feedback_queries`): no feedback, every
+    combination of first-search passages, feedback weight and feedback latents kept with the
+    passages weighted equally, then the passages weighted by 1 / rank (weight 1.0, 100 latents).
 scoring
     Query weights (pooled activation, binary, sqrt, log1p), BM25 k1 and b, and query expansion
     through decoder directions: each query latent adds its `m` nearest latents (decoder cosine above
@@ -318,7 +319,8 @@ def study_scoring(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]
 
 # --- study: feedback ---------------------------------------------------------------------------
 def study_feedback(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """No feedback, then the FEEDBACK_* grid, all through the library's feedback and sparse search."""
+    """No feedback, the FEEDBACK_* grid with uniform weighting, then rank weighting at weight 1.0 and
+    100 latents, all through the library's feedback and sparse search."""
     docs, queries = pool(setup, setup.acts, progress=True), pool(setup, setup.query_acts)
     default = setup.build.scoring
     scoring = dataclasses.replace(default, feedback_passages=0)
@@ -327,18 +329,26 @@ def study_feedback(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
     q = retriever.query_weights(queries.codes)
     metrics = run_metrics(setup.collection, *sparse_search(q, retriever.postings, DEPTH))
     rows = [result_row("baseline: no feedback", metrics, {"latents/query": per_row(q)}, feedback_passages=0)]
-    for passages in FEEDBACK_PASSAGES:
-        _, first = sparse_search(q, retriever.postings, passages)
-        for weight in FEEDBACK_WEIGHTS:
-            for latents in FEEDBACK_LATENTS:
-                expanded = feedback_queries(q, first, retriever.doc_weights, retriever.doc_norms, weight, latents)
-                metrics = run_metrics(setup.collection, *sparse_search(expanded, retriever.postings, DEPTH))
-                label = f"passages={passages} weight={weight} latents={latents}"
-                setting = (passages, weight, latents)
-                if setting == (default.feedback_passages, default.feedback_weight, default.feedback_latents):
-                    label += " (default)"
-                details = {"feedback_passages": passages, "feedback_weight": weight, "feedback_latents": latents}
-                rows.append(result_row(label, metrics, {"latents/query": per_row(expanded)}, **details))
+    grid = [("uniform", p, w, n) for p in FEEDBACK_PASSAGES for w in FEEDBACK_WEIGHTS for n in FEEDBACK_LATENTS]
+    grid += [("rank", p, 1.0, 100) for p in FEEDBACK_PASSAGES]
+    firsts = {p: sparse_search(q, retriever.postings, p)[1] for p in FEEDBACK_PASSAGES}
+    for weighting, passages, weight, latents in grid:
+        expanded = feedback_queries(
+            q, firsts[passages], retriever.doc_weights, retriever.doc_norms, weight, latents, weighting
+        )
+        metrics = run_metrics(setup.collection, *sparse_search(expanded, retriever.postings, DEPTH))
+        label = f"{weighting}: passages={passages} weight={weight} latents={latents}"
+        setting = (weighting, passages, weight, latents)
+        chosen = (default.feedback_weighting, default.feedback_passages, default.feedback_weight)
+        if setting == (*chosen, default.feedback_latents):
+            label += " (default)"
+        details = {
+            "feedback_weighting": weighting,
+            "feedback_passages": passages,
+            "feedback_weight": weight,
+            "feedback_latents": latents,
+        }
+        rows.append(result_row(label, metrics, {"latents/query": per_row(expanded)}, **details))
     return rows
 
 

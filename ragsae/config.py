@@ -17,6 +17,7 @@ T = TypeVar("T")
 SAE_ARCHITECTURES = ("topk", "relu", "kl")
 POOLINGS = ("max", "sum", "log", "count")
 SEARCH_MODES = ("sparse", "faiss", "fused")
+FEEDBACK_WEIGHTINGS = ("rank", "uniform")
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -153,6 +154,8 @@ class ScoringConfig:
     feedback_weight: float = 1.0
     """Weight of the feedback latents (mean of the passages' unit BM25 weight vectors) against the
     unit query vector."""
+    feedback_weighting: str = "rank"
+    """How the feedback passages are averaged: 'rank' (the passage at rank r weighs 1/r) or 'uniform'."""
     feedback_latents: int = 100
     """Feedback latents kept per query, the strongest by feedback weight."""
     explain_top: int = 5
@@ -167,6 +170,9 @@ class ScoringConfig:
             raise ValueError(f"max_latents must be >= 1 or None, got {self.max_latents}")
         if not 0 <= self.fusion_weight <= 1:
             raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        if self.feedback_weighting not in FEEDBACK_WEIGHTINGS:
+            choices = FEEDBACK_WEIGHTINGS
+            raise ValueError(f"feedback_weighting must be one of {choices}, got {self.feedback_weighting!r}")
         if self.feedback_passages < 0 or self.feedback_latents < 1 or self.feedback_weight < 0:
             raise ValueError(
                 "need feedback_passages >= 0, feedback_latents >= 1 and feedback_weight >= 0, got "

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .config import ScoringConfig
+from .config import FEEDBACK_WEIGHTINGS, ScoringConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,18 +99,23 @@ def feedback_queries(
     doc_norms: np.ndarray,
     weight: float,
     latents: int,
+    weighting: str = "rank",
 ) -> sp.csr_matrix:
     """Rocchio pseudo-relevance feedback over latents: unit query + weight * feedback, per query row.
 
-    The feedback of a query is the mean of the unit-normalised weight rows of its first-search
-    passages `top_ids` (nq, m; -1 entries ignored), cut to its `latents` strongest entries.
+    The feedback of a query is a weighted mean of the unit-normalised weight rows of its
+    first-search passages `top_ids` (nq, m, best first; -1 entries ignored), cut to its `latents`
+    strongest entries. `weighting` 'rank' weighs the passage at rank r by 1/r, 'uniform' equally.
     """
+    if weighting not in FEEDBACK_WEIGHTINGS:
+        raise ValueError(f"feedback weighting must be one of {FEEDBACK_WEIGHTINGS}, got {weighting!r}")
     nq, n = query_weights.shape[0], doc_weights.shape[0]
-    rows, cols = np.nonzero(top_ids >= 0)
-    passages = top_ids[rows, cols]
-    per_query = np.maximum(np.bincount(rows, minlength=nq), 1)
-    norms = np.maximum(doc_norms[passages], 1e-12)
-    selection = sp.csr_matrix(((1.0 / (per_query[rows] * norms)).astype(np.float32), (rows, passages)), shape=(nq, n))
+    rows, ranks = np.nonzero(top_ids >= 0)
+    passages = top_ids[rows, ranks]
+    share = 1.0 / (ranks + 1.0) if weighting == "rank" else np.ones(len(ranks))
+    totals = np.bincount(rows, weights=share, minlength=nq)
+    share = share / (totals[rows] * np.maximum(doc_norms[passages], 1e-12))
+    selection = sp.csr_matrix((share.astype(np.float32), (rows, passages)), shape=(nq, n))
     feedback = (selection @ doc_weights).tocsr()
     feedback = prune_rows(feedback, feedback, latents)
     query_norms = np.maximum(row_norms(query_weights), 1e-12).astype(np.float32)
@@ -242,8 +247,9 @@ class Retriever:
         if depth == 0 or q.shape[0] == 0:
             return q
         _, top = sparse_search(q, self.postings, depth)
+        cfg = self.config
         return feedback_queries(
-            q, top, self.doc_weights, self.doc_norms, self.config.feedback_weight, self.config.feedback_latents
+            q, top, self.doc_weights, self.doc_norms, cfg.feedback_weight, cfg.feedback_latents, cfg.feedback_weighting
         )
 
     def search(

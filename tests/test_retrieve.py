@@ -147,14 +147,17 @@ def test_pruning_keeps_the_strongest_latents_per_passage():
     assert np.diff(retriever.codes.indptr).max() == 4 and np.diff(retriever.doc_weights.indptr).max() == 4
 
 
-def test_feedback_queries_match_rocchio_formula():
+@pytest.mark.parametrize("weighting", ["rank", "uniform"])
+def test_feedback_queries_match_rocchio_formula(weighting):
     docs, queries = random_codes(n=25, m=30, density=0.3), random_codes(n=3, m=30, seed=2)
     top = np.array([[4, 9, 1], [0, -1, -1], [7, 7, 3]])
-    got = feedback_queries(queries, top, docs, np.linalg.norm(docs.toarray(), axis=1), 0.7, 5).toarray()
+    norms = np.linalg.norm(docs.toarray(), axis=1)
+    got = feedback_queries(queries, top, docs, norms, 0.7, 5, weighting).toarray()
     dense, q = docs.toarray(), queries.toarray()
     for i in range(3):
         rows = [r for r in top[i] if r >= 0]
-        feedback = np.mean([dense[r] / np.linalg.norm(dense[r]) for r in rows], axis=0)
+        share = np.array([1 / (rank + 1) if weighting == "rank" else 1.0 for rank in range(len(rows))])
+        feedback = sum(s * dense[r] / np.linalg.norm(dense[r]) for s, r in zip(share / share.sum(), rows))
         feedback[np.argsort(-feedback)[5:]] = 0  # only the 5 strongest feedback latents
         np.testing.assert_allclose(got[i], q[i] / np.linalg.norm(q[i]) + 0.7 * feedback, rtol=1e-5, atol=1e-7)
 
@@ -182,3 +185,5 @@ def test_feedback_settings_are_validated():
         ScoringConfig(feedback_passages=-1)
     with pytest.raises(ValueError, match="feedback_latents"):
         ScoringConfig(feedback_latents=0)
+    with pytest.raises(ValueError, match="feedback_weighting must be one of"):
+        ScoringConfig(feedback_weighting="score")
