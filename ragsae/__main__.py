@@ -172,13 +172,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import stdlib_documents
     from .generate import RAG
-    from .index import Index
+    from .index import Index, IndexFolderError
 
     path = Path(args.index)
+    index = None
     if path.exists() and not args.rebuild:
-        index = Index.load(path)
-        print(f"Loaded {path} ({len(index)} passages)", file=sys.stderr)
-    else:
+        try:
+            index = Index.load(path)
+            print(f"Loaded {path} ({len(index)} passages)", file=sys.stderr)
+        except IndexFolderError as error:  # the demo's own index, e.g. from an older ragsae: rebuild it
+            print(f"Rebuilding the demo index: {error}", file=sys.stderr)
+    if index is None:
         documents = stdlib_documents()
         print(f"Building {path} from {len(documents)} Python standard-library docstrings...", file=sys.stderr)
         index = Index.build(documents, path, overwrite=True, progress=True)

@@ -107,8 +107,8 @@ class SaeConfig:
     """Dead latents used by the AuxK reconstruction of the residual."""
     dead_after_tokens: int = 100_000
     """A latent that has not fired for this many training tokens counts as dead."""
-    epochs: int = 3
-    """Passes over the training activations."""
+    epochs: int = 6
+    """Passes over the training activations (6 retrieved better than 3; measured in benchmarks/)."""
     batch_size: int = 1024
     """Tokens per optimisation step."""
     lr: float = 1e-3

@@ -109,18 +109,33 @@ def feedback_queries(
     """
     if weighting not in FEEDBACK_WEIGHTINGS:
         raise ValueError(f"feedback weighting must be one of {FEEDBACK_WEIGHTINGS}, got {weighting!r}")
-    nq, n = query_weights.shape[0], doc_weights.shape[0]
-    rows, ranks = np.nonzero(top_ids >= 0)
-    passages = top_ids[rows, ranks]
-    share = 1.0 / (ranks + 1.0) if weighting == "rank" else np.ones(len(ranks))
-    totals = np.bincount(rows, weights=share, minlength=nq)
-    share = share / (totals[rows] * np.maximum(doc_norms[passages], 1e-12))
-    selection = sp.csr_matrix((share.astype(np.float32), (rows, passages)), shape=(nq, n))
-    feedback = (selection @ doc_weights).tocsr()
-    feedback = prune_rows(feedback, feedback, latents)
-    query_norms = np.maximum(row_norms(query_weights), 1e-12).astype(np.float32)
-    unit_query = sp.diags(1.0 / query_norms) @ query_weights
-    return (unit_query + weight * feedback).tocsr().astype(np.float32)
+    q = query_weights.tocsr()
+    num_latents = q.shape[1]
+    query_norms = np.maximum(row_norms(q), 1e-12)
+    indptr, indices, values = [0], [], []
+    for i in range(q.shape[0]):
+        # One dense latent vector per query: a handful of passage rows added into it is cheaper than
+        # sparse matrix products at the one-query-at-a-time sizes searches run at.
+        dense = np.zeros(num_latents, dtype=np.float64)
+        passages = top_ids[i][top_ids[i] >= 0]
+        if len(passages):
+            share = 1.0 / np.arange(1, len(passages) + 1) if weighting == "rank" else np.ones(len(passages))
+            share = weight * share / (share.sum() * np.maximum(doc_norms[passages], 1e-12))
+            for passage, part in zip(passages, share):
+                lo, hi = doc_weights.indptr[passage], doc_weights.indptr[passage + 1]
+                dense[doc_weights.indices[lo:hi]] += part * doc_weights.data[lo:hi]
+            found = np.flatnonzero(dense)
+            if len(found) > latents:  # keep the strongest; ties go to the lower latent id
+                dense[found[np.argsort(-dense[found], kind="stable")[latents:]]] = 0
+        lo, hi = q.indptr[i], q.indptr[i + 1]
+        dense[q.indices[lo:hi]] += q.data[lo:hi] / query_norms[i]
+        found = np.flatnonzero(dense)
+        indices.append(found)
+        values.append(dense[found])
+        indptr.append(indptr[-1] + len(found))
+    data = np.concatenate(values).astype(np.float32) if values else np.zeros(0, dtype=np.float32)
+    columns = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+    return sp.csr_matrix((data, columns, np.array(indptr)), shape=q.shape)
 
 
 def decoder_vectors(weights: sp.csr_matrix, w_dec: np.ndarray) -> np.ndarray:
