@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .config import FEEDBACK_WEIGHTINGS, ScoringConfig
+from .config import FEEDBACK_WEIGHTINGS, SEARCH_MODES, ScoringConfig
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +257,10 @@ class Retriever:
     def query_weights(self, query_codes: sp.csr_matrix) -> sp.csr_matrix:
         """Latent weights that sparse scoring uses: the pooled activations (BM25's query term
         frequency), joined by pseudo-relevance feedback latents when `feedback_passages` > 0."""
-        q = query_codes.astype(np.float32)
-        depth = self.config.feedback_passages
-        if depth == 0 or q.shape[0] == 0:
+        q, cfg = query_codes.astype(np.float32), self.config
+        if cfg.feedback_passages == 0 or q.shape[0] == 0:
             return q
-        _, top = sparse_search(q, self.postings, depth)
-        cfg = self.config
+        _, top = sparse_search(q, self.postings, cfg.feedback_passages)
         return feedback_queries(
             q, top, self.doc_weights, self.doc_norms, cfg.feedback_weight, cfg.feedback_latents, cfg.feedback_weighting
         )
@@ -279,7 +277,7 @@ class Retriever:
         `weights` are the query's sparse weights if already computed (`query_weights`).
         """
         mode = mode or self.config.mode
-        if mode not in ("sparse", "faiss", "fused"):
+        if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}")
         if mode != "faiss" and weights is None:
             weights = self.query_weights(query_codes)

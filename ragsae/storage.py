@@ -111,7 +111,7 @@ def compact_csr_arrays(matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
 
 def storage_precision(matrix: sp.csr_matrix) -> sp.csr_matrix:
     """`matrix` with its values rounded as `save_compact_csr_atomic` stores them (float32 kept)."""
-    rounded = matrix.copy().astype(np.float32)
+    rounded = matrix.astype(np.float32)  # a copy
     rounded.data = log8_decode(log8_encode(matrix.data))
     return rounded
 
