@@ -77,8 +77,8 @@ class BenchConfig:
     """Reuse this SAE folder instead of training one on the corpus."""
     depth: int = 100
     """Passages retrieved per query (Recall@100 needs 100)."""
-    latency_queries: int = 20
-    """Queries timed one at a time for p50/p95 latency."""
+    latency_queries: int = 100
+    """Queries timed one at a time for p50/p95 latency (each at its fastest of `LATENCY_REPEATS` runs)."""
     sweep: tuple[str, ...] = ()
     """Settings to sweep, e.g. ('layer=4,8', 'k=16,32'); one result row per combination."""
     build: BuildConfig = field(default_factory=BuildConfig)
@@ -136,34 +136,51 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(seconds, 50) * 1e3), "p95_ms": float(np.percentile(seconds, 95) * 1e3)}
 
 
-def score_and_time(
-    search: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
-    queries: dict[str, str],
-    qrels: dict[str, dict[str, int]],
-    doc_ids: list[str],
-    latency_queries: int,
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """Evaluate `search` (query texts -> (scores, ids) over `doc_ids` rows) and time it.
+LATENCY_REPEATS = 3
+"""Timings of each query per method in `time_methods`; the fastest counts."""
 
-    Latency is end to end per single query (encoding included) over the first `latency_queries`
-    queries; throughput is all queries in one batch.
-    """
+Search = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+"""Query texts -> (scores, ids) of shape (n_queries, depth) over a method's document rows."""
+
+
+@dataclass
+class MethodRun:
+    """One result row and the search it measured, kept until every method has been timed."""
+
+    row: dict[str, Any]
+    search: Search
+
+
+def score(search: Search, queries: dict[str, str], qrels: dict[str, dict[str, int]], doc_ids: list[str]) -> dict:
+    """Metrics of `search` over all queries, run as one batch."""
     qids = list(queries)
-    texts = [queries[q] for q in qids]
-    scores, ids = search(texts)
-    metrics = evaluate(to_document_run(scores, ids, qids, doc_ids), qrels)
-    latency = []
+    scores, ids = search([queries[q] for q in qids])
+    return evaluate(to_document_run(scores, ids, qids, doc_ids), qrels)
+
+
+def time_methods(runs: list[MethodRun], texts: list[str], latency_queries: int) -> None:
+    """Fill each run's row["latency"]: single-query p50/p95 (end to end, encoding included) over the
+    first `latency_queries` texts, and batch throughput over all of them.
+
+    Methods are timed interleaved, query by query, so that they share whatever else the machine is
+    doing; each query runs `LATENCY_REPEATS` times back to back per method and counts at its fastest.
+    """
+    seconds: list[list[float]] = [[] for _ in runs]
     for text in texts[:latency_queries]:
+        for run, out in zip(runs, seconds):
+            fastest = float("inf")
+            for _ in range(LATENCY_REPEATS):
+                start = time.perf_counter()
+                run.search([text])
+                fastest = min(fastest, time.perf_counter() - start)
+            out.append(fastest)
+    for run, out in zip(runs, seconds):
         start = time.perf_counter()
-        search([text])
-        latency.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    search(texts)
-    batch = len(texts) / (time.perf_counter() - start)
-    return metrics, {**percentiles(latency), "batch_queries_per_s": batch}
+        run.search(texts)
+        batch = len(texts) / (time.perf_counter() - start)
+        run.row["latency"] = {**percentiles(out), "batch_queries_per_s": batch}
 
 
-# --- ragsae --------------------------------------------------------------------------------
 def timed_capture(
     llm: LoadedLlm,
     texts: list[str],
@@ -227,8 +244,8 @@ def run_ragsae(
     qrels: dict[str, dict[str, int]],
     bench: BenchConfig,
     progress: bool,
-) -> list[dict[str, Any]]:
-    """Rows for each ragsae scoring mode under one build configuration."""
+) -> list[MethodRun]:
+    """Rows for each ragsae scoring mode under one build configuration (latency filled in later)."""
     cache_root = Path(bench.cache_dir)
     texts = [p.text for p in passages]
     layer = build.capture.layer
@@ -286,23 +303,21 @@ def run_ragsae(
             "per_query": query_codes.nnz / query_codes.shape[0],
         },
     }
-    rows = []
+    runs = []
     for mode in ("sparse", "faiss", "fused"):
 
         def search(texts: list[str], mode: str = mode) -> tuple[np.ndarray, np.ndarray]:
             return index.retriever.search(index.encode_queries(texts), bench.depth, mode)
 
-        metrics, latency = score_and_time(search, queries, qrels, doc_ids, bench.latency_queries)
-        rows.append(
-            {
-                "method": f"ragsae-{mode}",
-                **common,
-                "metrics": metrics["aggregate"],
-                "per_query": metrics["per_query"],
-                "latency": latency,
-            }
-        )
-    return rows
+        metrics = score(search, queries, qrels, doc_ids)
+        row = {
+            "method": f"ragsae-{mode}",
+            **common,
+            "metrics": metrics["aggregate"],
+            "per_query": metrics["per_query"],
+        }
+        runs.append(MethodRun(row, search))
+    return runs
 
 
 # --- baselines -----------------------------------------------------------------------------
@@ -311,8 +326,7 @@ def run_bm25(
     queries: dict[str, str],
     qrels: dict[str, dict[str, int]],
     depth: int,
-    latency_queries: int = 20,
-) -> dict[str, Any]:
+) -> MethodRun:
     """bm25s (Lucene variant, k1=1.5, b=0.75) with English stopwords, on whole documents."""
     import bm25s
 
@@ -328,18 +342,18 @@ def run_bm25(
         ids, scores = retriever.retrieve(tokens, k=min(depth, len(documents)), show_progress=False)
         return scores, ids
 
-    metrics, latency = score_and_time(search, queries, qrels, [d.doc_id for d in documents], latency_queries)
+    metrics = score(search, queries, qrels, [d.doc_id for d in documents])
     with tempfile.TemporaryDirectory() as tmp:
         retriever.save(tmp)
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-    return {
+    row = {
         "method": "bm25",
         "metrics": metrics["aggregate"],
         "per_query": metrics["per_query"],
         "index_seconds": index_seconds,
-        "latency": latency,
         "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents)},
     }
+    return MethodRun(row, search)
 
 
 def dense_model_path() -> Path:
@@ -356,8 +370,7 @@ def run_dense(
     depth: int,
     cache_dir: Path,
     progress: bool,
-    latency_queries: int = 20,
-) -> dict[str, Any]:
+) -> MethodRun:
     """all-MiniLM-L6-v2 embeddings (cached per corpus fingerprint) + exact FAISS inner product."""
     from sentence_transformers import SentenceTransformer
 
@@ -380,18 +393,18 @@ def run_dense(
         q = model.encode(batch, normalize_embeddings=True, show_progress_bar=False)
         return searcher.search(q, min(depth, len(documents)))
 
-    metrics, latency = score_and_time(search, queries, qrels, [d.doc_id for d in documents], latency_queries)
+    metrics = score(search, queries, qrels, [d.doc_id for d in documents])
     with tempfile.TemporaryDirectory() as tmp:
         searcher.save(os.path.join(tmp, "faiss.index"))
         disk = os.path.getsize(os.path.join(tmp, "faiss.index"))
-    return {
+    row = {
         "method": "dense-minilm",
         "metrics": metrics["aggregate"],
         "per_query": metrics["per_query"],
         "encode": {"seconds": encode_seconds, "passages_per_s": len(texts) / encode_seconds},
-        "latency": latency,
         "index_bytes": {"disk": disk, "disk_per_passage": disk / len(documents), "memory": int(vectors.nbytes)},
     }
+    return MethodRun(row, search)
 
 
 # --- sweep ---------------------------------------------------------------------------------
@@ -559,7 +572,7 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
     llm = load_llm(bench.build.llm, progress)
     started, commit = time.perf_counter(), git_commit()  # the code that runs, not what HEAD is by the end
     settings = parse_sweep(bench.sweep) if bench.sweep else [{}]
-    rows: list[dict[str, Any]] = []
+    runs: list[MethodRun] = []
     passages_by_window: dict[tuple[int, int], list[Passage]] = {}
     for setting in settings:
         build = apply_setting(bench.build, setting)
@@ -567,17 +580,18 @@ def run_benchmark(bench: BenchConfig, progress: bool = False) -> dict[str, Any]:
         if window not in passages_by_window:
             passages_by_window[window] = split_passages(documents, llm.tokenizer, *window)
         logger.info("ragsae %s", setting or "defaults")
-        for row in run_ragsae(build, llm, passages_by_window[window], queries, qrels, bench, progress):
-            rows.append({**row, "setting": setting} if setting else row)
+        for run in run_ragsae(build, llm, passages_by_window[window], queries, qrels, bench, progress):
+            if setting:
+                run.row["setting"] = setting
+            runs.append(run)
     if not bench.sweep:
         if "bm25" in bench.baselines:
-            rows.append(run_bm25(documents, queries, qrels, bench.depth, bench.latency_queries))
+            runs.append(run_bm25(documents, queries, qrels, bench.depth))
         if "dense" in bench.baselines:
-            rows.append(
-                run_dense(
-                    documents, queries, qrels, bench.depth, Path(bench.cache_dir), progress, bench.latency_queries
-                )
-            )
+            runs.append(run_dense(documents, queries, qrels, bench.depth, Path(bench.cache_dir), progress))
+    logger.info("timing %d methods on %d queries", len(runs), min(len(queries), bench.latency_queries))
+    time_methods(runs, list(queries.values()), bench.latency_queries)
+    rows = [run.row for run in runs]
     result = {
         "collection": collection,
         "dataset": str(bench.dataset),

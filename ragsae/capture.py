@@ -99,7 +99,8 @@ def capture(
 ) -> dict[int, TokenActivations]:
     """Residual-stream activations at each of `layers` for every token of every text.
 
-    Only blocks up to max(layers) run. Texts are batched by length (deterministic order),
+    Only blocks up to max(layers) run: as plain tensor operations for Llama-family models
+    (`trunk.py`), otherwise through the model's forward with hooks. Texts are batched by length (deterministic order),
     results come back in input order. Tokens of `stopwords` are fed but not returned.
     """
     for layer in layers:
@@ -119,6 +120,7 @@ def capture(
 
     grabbed: dict[int, torch.Tensor] = {}
     top = max(layers)
+    trunk = llm.trunk(top)  # same activations as the hooked forward, faster; None if unsupported
     blocks = llm.blocks()
 
     def make_hook(layer: int):
@@ -144,10 +146,13 @@ def capture(
             for row, i in enumerate(batch):
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
-            try:
-                llm.model(input_ids=input_ids.to(llm.device), attention_mask=mask.to(llm.device), use_cache=False)
-            except _StopForward:
-                pass
+            if trunk is not None and trunk.accepts(width):
+                grabbed.update(trunk(input_ids.to(llm.device), layers))
+            else:
+                try:
+                    llm.model(input_ids=input_ids.to(llm.device), attention_mask=mask.to(llm.device), use_cache=False)
+                except _StopForward:
+                    pass
             for layer in layers:
                 hidden = grabbed[layer].float().cpu().numpy()
                 for row, i in enumerate(batch):

@@ -28,15 +28,24 @@ class PooledCodes:
     lengths: np.ndarray
 
 
+def selection_dtype(llm: LoadedLlm) -> torch.dtype:
+    """Precision at which the SAE chooses its latents: the LLM's own (bfloat16 where that runs
+    natively, `llm.resolve_dtype`), whose activations carry no more than that; values stay float32."""
+    return llm.dtype if llm.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 @torch.no_grad()
-def encode_tokens(sae: SparseAutoencoder, values: np.ndarray, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """SAE codes of (n_tokens, d_model) activations as (values, indices) arrays of shape (n_tokens, k)."""
+def encode_tokens(
+    sae: SparseAutoencoder, values: np.ndarray, batch_size: int = 8192, select_dtype: torch.dtype = torch.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """SAE codes of (n_tokens, d_model) activations as (values, indices) arrays of shape (n_tokens, k);
+    `select_dtype` as in `SparseAutoencoder.encode`."""
     device = next(sae.parameters()).device
     out_v = np.empty((values.shape[0], sae.config.k), dtype=np.float32)
     out_i = np.empty((values.shape[0], sae.config.k), dtype=np.int32)
     for start in range(0, values.shape[0], batch_size):
         batch = torch.from_numpy(np.asarray(values[start : start + batch_size], dtype=np.float32)).to(device)
-        codes = sae.encode(batch)
+        codes = sae.encode(batch, select_dtype)
         out_v[start : start + len(batch)] = codes.values.cpu().numpy()
         out_i[start : start + len(batch)] = codes.indices.cpu().numpy()
     return out_v, out_i
@@ -111,9 +120,10 @@ class CodeEncoder:
         bounds = list(range(0, len(acts), 2048)) + [len(acts)]
         for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="encode SAE", disable=not progress):
             a, b = acts.offsets[lo], acts.offsets[hi]
-            values, indices = encode_tokens(self.sae, acts.values[a:b])
+            values, indices = encode_tokens(self.sae, acts.values[a:b], select_dtype=selection_dtype(self.llm))
             chunks.append(pool(values, indices, acts.offsets[lo : hi + 1] - a, self.sae.num_latents, self.pooling))
-        return PooledCodes(sp.vstack(chunks, format="csr"), acts.lengths().astype(np.float32))
+        codes = chunks[0] if len(chunks) == 1 else sp.vstack(chunks, format="csr")
+        return PooledCodes(codes, acts.lengths().astype(np.float32))
 
     def passage_activations(self, texts: list[str], progress: bool = False) -> TokenActivations:
         """Activations of passages: the passage prefix is fed to the LLM but left out."""

@@ -7,7 +7,7 @@ import hashlib
 import importlib.util
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 
 from .config import LlmConfig
 from .storage import file_sha256
+from .trunk import LlamaTrunk, trunk_unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class LoadedLlm:
     model_hash: str
     device: torch.device
     dtype: torch.dtype = torch.float32
+    _trunk: LlamaTrunk | None = field(default=None, repr=False)
 
     @property
     def dtype_name(self) -> str:
@@ -111,6 +113,15 @@ class LoadedLlm:
     @property
     def d_model(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def trunk(self, layer: int) -> LlamaTrunk | None:
+        """The blocks up to `layer` as plain tensor operations (`trunk.py`), or None when this
+        architecture is not one it runs. Kept for reuse; rebuilt only for a deeper layer."""
+        if trunk_unsupported_reason(self.model) is not None:
+            return None
+        if self._trunk is None or self._trunk.layer < layer:
+            self._trunk = LlamaTrunk(self.model, layer)
+        return self._trunk
 
     def blocks(self) -> Any:
         """The list of transformer blocks, whatever the architecture calls it."""

@@ -109,11 +109,29 @@ class SparseAutoencoder(nn.Module):
         """(n, num_latents) non-negative pre-activations of normalised inputs."""
         return F.relu((xn - self.b_dec) @ self.W_enc + self.b_enc)
 
-    def encode(self, x: torch.Tensor) -> TopK:
-        """Sparse codes of raw (n, d_model) activations: the k largest latents per row."""
-        acts = self.pre_acts(self.normalise(x))
-        values, indices = acts.topk(self.config.k, dim=1, sorted=False)
-        return TopK(values, indices)
+    def encode(self, x: torch.Tensor, select_dtype: torch.dtype = torch.float32) -> TopK:
+        """Sparse codes of raw (n, d_model) activations: the k largest latents per row.
+
+        With a `select_dtype` narrower than float32 (bfloat16), the k latents are chosen from
+        pre-activations computed at that precision, then their values are computed in float32:
+        half the encoder weights to read (the costly part on a CPU: 1.3 -> 0.25 ms for a query of
+        four tokens), exact values, and only near-ties chosen differently.
+        """
+        xn = self.normalise(x)
+        if select_dtype == torch.float32:
+            values, indices = self.pre_acts(xn).topk(self.config.k, dim=1, sorted=False)
+            return TopK(values, indices)
+        low = (xn - self.b_dec).to(select_dtype) @ self._encoder_weights(select_dtype)
+        indices = low.float().add_(self.b_enc).topk(self.config.k, dim=1, sorted=False).indices
+        return TopK(self.encode_selected(xn, indices), indices)
+
+    def _encoder_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_enc in `dtype`, converted once per weight update (tracked by the tensor's version)."""
+        key = (dtype, self.W_enc._version, self.W_enc.data_ptr())
+        if getattr(self, "_low_key", None) != key:
+            self._low_weights = self.W_enc.detach().to(dtype)
+            self._low_key = key
+        return self._low_weights
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Normalised-space reconstruction from (n, k) codes, by embedding bag (no dense latents)."""

@@ -43,6 +43,31 @@ def test_encode_keeps_the_k_largest_latents():
     assert_close(codes.values.sort(1).values, acts.topk(4, dim=1).values.sort(1).values)
 
 
+def test_low_precision_selection_keeps_exact_values():
+    sae = SparseAutoencoder(small_config(num_latents=512, k=8), 32)
+    x = torch.randn(200, 32)
+    exact = sae.encode(x)
+    fast = sae.encode(x, torch.bfloat16)
+    pre = sae.pre_acts(sae.normalise(x))
+    # the values are the float32 pre-activations of the latents chosen, whichever were chosen
+    assert_close(fast.values, pre.gather(1, fast.indices))
+    same = (fast.indices.sort(1).values == exact.indices.sort(1).values).all(1).float().mean()
+    assert same > 0.8  # only near-ties are chosen differently
+    kept = fast.values.sum(1) / exact.values.sum(1)
+    assert bool((kept > 0.98).all())
+
+
+def test_low_precision_weights_follow_updates():
+    sae = SparseAutoencoder(small_config(), 32)
+    x = torch.randn(6, 32)
+    before = sae.encode(x, torch.bfloat16)
+    with torch.no_grad():
+        sae.W_enc.mul_(-1)
+    after = sae.encode(x, torch.bfloat16)
+    assert_close(after.values, sae.pre_acts(sae.normalise(x)).gather(1, after.indices))
+    assert not torch.equal(before.indices.sort(1).values, after.indices.sort(1).values)
+
+
 def test_fvu_and_kl_reference_values():
     x = torch.randn(50, 8)
     assert float(fvu(x, x)) == pytest.approx(0.0)
