@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import ActivationCache, TokenActivations, capture
+from .capture import ActivationCache, TokenActivations, capture_cached
 from .config import BuildConfig, CaptureConfig, SaeConfig, optional_int, to_dict
 from .corpus import Document, Passage, fingerprint, load_documents, read_qrels, read_queries, split_passages
 from .encode import CodeEncoder
@@ -190,23 +190,28 @@ def timed_capture(
     progress: bool,
     need_timing: bool = True,
 ) -> tuple[TokenActivations, dict[str, Any]]:
-    """Passage activations from the cache, or captured and timed; the timing is stored with the cache.
+    """Passage activations from the cache, or captured and timed (`capture_cached`), with the cost.
 
     An entry cached without a timing is captured again only when `need_timing` (sweep rows skip it).
     """
     key = cache.key(llm.activation_key, layer, cfg.window, cfg.passage_prefix, fingerprint(texts))
-    acts = cache.load(key)
-    meta_path = key / "timing.json"
-    if acts is None or (need_timing and not meta_path.is_file()):
-        start = time.perf_counter()
-        acts = capture(llm, texts, [layer], cfg.window, cfg.batch_size, cfg.passage_prefix, progress)[layer]
-        seconds = time.perf_counter() - start
-        cache.save(key, acts)
-        write_json_atomic(meta_path, {"seconds": seconds, "device": str(llm.device)})
+    refresh = need_timing and cache.timing(key) is None
+    acts = capture_cached(
+        llm,
+        texts,
+        [layer],
+        fingerprint(texts),
+        cache,
+        cfg.window,
+        cfg.batch_size,
+        cfg.passage_prefix,
+        progress,
+        refresh=refresh,
+    )[layer]
     tokens = int(acts.offsets[-1])
-    if not meta_path.is_file():
+    timing = cache.timing(key)
+    if timing is None:
         return acts, {"seconds": None, "passages_per_s": None, "tokens_per_s": None, "tokens": tokens}
-    timing = json.loads(meta_path.read_text())
     return acts, {
         "seconds": timing["seconds"],
         "passages_per_s": len(acts) / timing["seconds"],

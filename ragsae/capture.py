@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .llm import LoadedLlm
-from .storage import save_npy_atomic
+from .storage import save_npy_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +190,20 @@ class ActivationCache:
             return None
         return TokenActivations(values, offsets)
 
-    def save(self, path: Path, acts: TokenActivations) -> None:
+    def save(self, path: Path, acts: TokenActivations, timing: dict[str, Any] | None = None) -> None:
+        """Write an entry; `timing` ({"seconds", "device"} of the capture) goes beside it."""
         path.mkdir(parents=True, exist_ok=True)
+        (path / "offsets.npy").unlink(missing_ok=True)  # incomplete until rewritten below
+        if timing is not None:
+            write_json_atomic(path / "timing.json", timing)
         # values first, offsets last: offsets.npy present means the entry is complete.
         for name, array in (("values.npy", acts.values), ("offsets.npy", acts.offsets)):
             save_npy_atomic(path / name, array)
+
+    def timing(self, path: Path) -> dict[str, Any] | None:
+        """How long the entry's capture took, if it was timed."""
+        meta = path / "timing.json"
+        return json.loads(meta.read_text()) if meta.is_file() else None
 
 
 def capture_cached(
@@ -206,21 +217,25 @@ def capture_cached(
     prefix: str = "",
     progress: bool = False,
     stopwords: frozenset[str] = frozenset(),
+    refresh: bool = False,
 ) -> dict[int, TokenActivations]:
-    """`capture`, reading and writing `cache` (if given) per layer."""
+    """`capture`, reading and writing `cache` (if given) per layer; `refresh` captures again even
+    what is cached. Entries written here carry the capture's timing (`ActivationCache.timing`)."""
     if stopwords:  # the cache key must tell token selections apart
         texts_fingerprint += "|stop:" + ",".join(sorted(stopwords))
     found: dict[int, TokenActivations] = {}
-    if cache is not None:
+    if cache is not None and not refresh:
         for layer in layers:
             hit = cache.load(cache.key(llm.activation_key, layer, window, prefix, texts_fingerprint))
             if hit is not None:
                 found[layer] = hit
     missing = [layer for layer in layers if layer not in found]
     if missing:
+        start = time.perf_counter()
         fresh = capture(llm, texts, missing, window, batch_size, prefix, progress, stopwords)
+        timing = {"seconds": time.perf_counter() - start, "device": str(llm.device), "layers": missing}
         if cache is not None:
             for layer, acts in fresh.items():
-                cache.save(cache.key(llm.activation_key, layer, window, prefix, texts_fingerprint), acts)
+                cache.save(cache.key(llm.activation_key, layer, window, prefix, texts_fingerprint), acts, timing)
         found.update(fresh)
     return found

@@ -61,6 +61,22 @@ def test_cache_round_trip(tiny_llm, tmp_path):
     assert isinstance(again.values, np.memmap)
     np.testing.assert_array_equal(first.values, again.values)
     np.testing.assert_array_equal(first.offsets, again.offsets)
+    timing = cache.timing(cache.key(tiny_llm.activation_key, 1, 256, "", "fp"))
+    assert timing["seconds"] > 0 and timing["device"] == "cpu" and timing["layers"] == [1]
+
+
+def test_cache_refresh_captures_again(tiny_llm, tmp_path, monkeypatch):
+    import ragsae.capture as capture_module
+
+    cache = ActivationCache(tmp_path)
+    capture_cached(tiny_llm, TEXTS, [1], "fp", cache)
+    calls = []
+    real = capture_module.capture
+    monkeypatch.setattr(capture_module, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    capture_cached(tiny_llm, TEXTS, [1], "fp", cache)
+    assert calls == []
+    fresh = capture_cached(tiny_llm, TEXTS, [1], "fp", cache, refresh=True)[1]
+    assert calls == [1] and not isinstance(fresh.values, np.memmap)
 
 
 def test_prefix_shapes_activations_but_adds_no_tokens(tiny_llm):
