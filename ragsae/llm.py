@@ -116,10 +116,11 @@ class LoadedLlm:
 
     def trunk(self, layer: int) -> LlamaTrunk | None:
         """The blocks up to `layer` as plain tensor operations (`trunk.py`), or None when this
-        architecture is not one it runs. Kept for reuse; rebuilt only for a deeper layer."""
+        architecture is not one it runs. Kept for reuse; rebuilt for a deeper layer or after the model
+        moved to another device or dtype."""
         if trunk_unsupported_reason(self.model) is not None:
             return None
-        if self._trunk is None or self._trunk.layer < layer:
+        if self._trunk is None or self._trunk.layer < layer or self._trunk.stale:
             self._trunk = LlamaTrunk(self.model, layer)
         return self._trunk
 

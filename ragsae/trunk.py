@@ -1,11 +1,12 @@
 """A Llama-family model's blocks up to a layer, run as plain tensor operations.
 
-Capture needs the residual stream after a few blocks, not logits. Transformers' forward spends as
-long in module calls, mask building and keyword plumbing as in the matrix products on short inputs
-(a query of ten tokens: 5.0 ms through layer 8 of SmolLM2-135M on two CPU cores, 3.8 ms here).
-`LlamaTrunk` reads the same weight tensors (q/k/v and gate/up concatenated into one product each)
-and gives the same activations, bit for bit on the models tested (tests/test_trunk.py); other
-architectures keep the hooked transformers forward (`capture.py`).
+Capture needs the residual stream after a few blocks, not logits. On short inputs transformers'
+forward adds measurable overhead (module calls, mask building, keyword plumbing) to the matrix
+products: a ten-token query through layer 8 of SmolLM2-135M takes 5.0 ms on two CPU cores there,
+3.8 ms here, 0.5 ms of that from computing q/k/v and gate/up as one product each (concatenated
+copies of the weights, made while they cost under `FUSE_LIMIT_BYTES`). `LlamaTrunk` gives the same
+activations as the hooked forward, bit for bit on CPU for the models tested (tests/test_trunk.py;
+other kernels may round differently). Other architectures keep the hooked forward (`capture.py`).
 
 Batches must be right-padded: under a causal mask, a real token never sees the padding after it,
 so no padding mask is needed (padded positions hold garbage and are dropped by the caller).
@@ -25,16 +26,44 @@ import torch.nn.functional as F
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+FUSE_LIMIT_BYTES = 512 * 2**20
+"""Most memory spent on concatenated copies of q/k/v and gate/up weights (SmolLM2 to layer 8:
+56 MB; 0.5 ms of a query's 4 ms saved). Deeper trunks of larger models use the weights as they are."""
+
+
+@dataclass
+class _Projection:
+    """Linear maps applied to the same input: one product of the concatenated weights, or one each."""
+
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor | None, ...]
+    widths: list[int]
+
+    @classmethod
+    def of(cls, linears: list[Any], fuse: bool) -> _Projection:
+        weights = [linear.weight for linear in linears]
+        biases = [linear.bias for linear in linears]
+        widths = [int(w.shape[0]) for w in weights]
+        if not fuse:
+            return cls(tuple(weights), tuple(biases), widths)
+        bias = torch.cat(biases) if biases[0] is not None else None
+        return cls((torch.cat(weights),), (bias,), widths)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if len(self.weights) == 1:
+            return list(F.linear(x, self.weights[0], self.biases[0]).split(self.widths, dim=-1))
+        return [F.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
+
+
 @dataclass
 class _Block:
     norm1: torch.Tensor
     eps1: float
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: _Projection
     out: torch.Tensor
     norm2: torch.Tensor
     eps2: float
-    gate_up: torch.Tensor
+    gate_up: _Projection
     down: torch.Tensor
 
 
@@ -75,27 +104,42 @@ class LlamaTrunk:
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.scale = float(first.scaling)
-        self.intermediate = int(config.intermediate_size)
-        self.blocks = [self._block(block) for block in inner.layers[:layer]]
+        blocks = inner.layers[:layer]
+        fused_bytes = sum(
+            p.numel() * p.element_size()
+            for block in blocks
+            for linear in (*self._qkv(block), *self._gate_up(block))
+            for p in linear.parameters()
+        )
+        self.fused = fused_bytes <= FUSE_LIMIT_BYTES
+        self.blocks = [self._block(block, self.fused) for block in blocks]
+        self._placement = (self.embed.device, self.embed.dtype)
 
     @staticmethod
-    def _block(block: Any) -> _Block:
-        attn, mlp = block.self_attn, block.mlp
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        bias = None
-        if projections[0].bias is not None:
-            bias = torch.cat([p.bias for p in projections])
+    def _qkv(block: Any) -> list[Any]:
+        return [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]
+
+    @staticmethod
+    def _gate_up(block: Any) -> list[Any]:
+        return [block.mlp.gate_proj, block.mlp.up_proj]
+
+    @classmethod
+    def _block(cls, block: Any, fuse: bool) -> _Block:
         return _Block(
             norm1=block.input_layernorm.weight,
             eps1=float(block.input_layernorm.variance_epsilon),
-            qkv=torch.cat([p.weight for p in projections]),
-            qkv_bias=bias,
-            out=attn.o_proj.weight,
+            qkv=_Projection.of(cls._qkv(block), fuse),
+            out=block.self_attn.o_proj.weight,
             norm2=block.post_attention_layernorm.weight,
             eps2=float(block.post_attention_layernorm.variance_epsilon),
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-            down=mlp.down_proj.weight,
+            gate_up=_Projection.of(cls._gate_up(block), fuse),
+            down=block.mlp.down_proj.weight,
         )
+
+    @property
+    def stale(self) -> bool:
+        """True once the model has moved to another device or dtype than the copies made here."""
+        return (self.embed.device, self.embed.dtype) != self._placement
 
     @staticmethod
     def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,6 +157,8 @@ class LlamaTrunk:
         if not layers or any(not 0 <= layer <= self.layer for layer in layers):
             raise ValueError(f"layers {layers} outside 0..{self.layer}")
         batch, length = input_ids.shape
+        if self.stale:
+            raise RuntimeError("the model moved to another device or dtype after this trunk was built")
         if not self.accepts(length):
             raise ValueError(f"{length} tokens exceed the sliding attention window ({self.max_length})")
         x = F.embedding(input_ids, self.embed)
@@ -127,10 +173,10 @@ class LlamaTrunk:
         def rope(t: torch.Tensor) -> torch.Tensor:
             return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
 
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q_width = self.heads * self.head_dim
         for number, block in enumerate(self.blocks[: max(layers)], 1):
             h = self._rms_norm(x, block.norm1, block.eps1)
-            q, k, v = F.linear(h, block.qkv, block.qkv_bias).split([q_width, kv_width, kv_width], dim=-1)
+            q, k, v = block.qkv(h)
             q = rope(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2))
             k = rope(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2))
             v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -139,7 +185,7 @@ class LlamaTrunk:
             )
             x = x + F.linear(attended.transpose(1, 2).reshape(batch, length, q_width), block.out)
             h = self._rms_norm(x, block.norm2, block.eps2)
-            gate, up = F.linear(h, block.gate_up).split([self.intermediate, self.intermediate], dim=-1)
+            gate, up = block.gate_up(h)
             x = x + F.linear(F.silu(gate) * up, block.down)
             if number in layers:
                 out[number] = x

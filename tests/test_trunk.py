@@ -52,6 +52,30 @@ def test_matches_transformers_hidden_states(model_type, extra):
         assert_close(out[layer], hidden[layer], rtol=1e-5, atol=1e-5)
 
 
+def test_unfused_weights_give_the_same_activations(monkeypatch):
+    import ragsae.trunk as trunk_module
+
+    model = tiny_model("qwen2", use_sliding_window=False)
+    ids = torch.randint(0, 97, (2, 7))
+    fused = LlamaTrunk(model, 3)
+    monkeypatch.setattr(trunk_module, "FUSE_LIMIT_BYTES", 0)
+    separate = LlamaTrunk(model, 3)
+    assert fused.fused and not separate.fused
+    assert_close(fused(ids, [3])[3], separate(ids, [3])[3], rtol=1e-6, atol=1e-6)
+
+
+def test_a_moved_model_gets_a_new_trunk():
+    llm = LoadedLlm(tiny_model("llama"), None, "tiny", "hash", torch.device("cpu"))
+    first = llm.trunk(2)
+    llm.model.to(torch.float64)
+    assert first.stale
+    with pytest.raises(RuntimeError, match="moved"):
+        first(torch.randint(0, 97, (1, 4)), [2])
+    second = llm.trunk(2)
+    assert second is not first and not second.stale
+    assert second(torch.randint(0, 97, (1, 4)), [2])[2].dtype == torch.float64
+
+
 def test_right_padding_leaves_real_tokens_unchanged():
     model = tiny_model("llama")
     trunk = LlamaTrunk(model, 3)
