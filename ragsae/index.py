@@ -214,14 +214,20 @@ class Index:
         top = self.config.scoring.explain_top
         results: dict[str, list[Hit]] = {}
         for row, qid in enumerate(queries):
-            hits = []
-            for rank, (score, pid) in enumerate(zip(scores[row], ids[row]), 1):
-                if pid < 0:
-                    continue
-                passage = self.passages[pid]
-                latents = self.retriever.explain(weights[row], int(pid), top)
-                hits.append(Hit(passage.passage_id, passage.doc_id, float(score), rank, passage.text, latents))
-            results[qid] = hits
+            found = ids[row] >= 0  # -1 pads fewer than k hits
+            pids, hit_scores = ids[row][found], scores[row][found]
+            explained = self.retriever.explain(weights[row], pids, top)
+            results[qid] = [
+                Hit(
+                    self.passages[pid].passage_id,
+                    self.passages[pid].doc_id,
+                    float(score),
+                    rank,
+                    self.passages[pid].text,
+                    latents,
+                )
+                for rank, (pid, score, latents) in enumerate(zip(pids.tolist(), hit_scores, explained), 1)
+            ]
         return results
 
     # --- persistence ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,11 +294,14 @@ class Retriever:
         weight = self.config.fusion_weight
         return reciprocal_rank_fusion(runs, [weight, 1 - weight], k)
 
-    def explain(self, weights: sp.csr_matrix, row: int, top: int) -> list[tuple[int, float]]:
-        """Latents of one query's sparse weights (1, m; from `query_weights`) that contribute most
-        to its sparse score with passage `row`."""
-        contrib = weights.multiply(self.doc_weights[row]).tocsr()
-        if contrib.nnz == 0:
-            return []
-        order = np.argsort(-contrib.data)[:top]
-        return [(int(contrib.indices[i]), float(contrib.data[i])) for i in order]
+    def explain(self, weights: sp.csr_matrix, rows: Sequence[int], top: int) -> list[list[tuple[int, float]]]:
+        """For each passage in `rows`, the latents of one query's sparse weights (1, m; from
+        `query_weights`) that contribute most to its sparse score, as (latent, contribution)."""
+        contrib = self.doc_weights[np.asarray(rows, dtype=np.int64)].multiply(weights).tocsr()
+        explained = []
+        for i in range(len(rows)):
+            lo, hi = contrib.indptr[i], contrib.indptr[i + 1]
+            data, latents = contrib.data[lo:hi], contrib.indices[lo:hi]
+            order = np.argsort(-data)[:top]
+            explained.append([(int(latents[j]), float(data[j])) for j in order])
+        return explained

@@ -125,8 +125,23 @@ def test_retriever_modes_find_self(mode):
     rows = [r for r in range(40) if codes[r].nnz >= 3][:5]
     scores, ids = retriever.search(codes[rows], 3)
     assert (ids[:, 0] == rows).all()
-    explained = retriever.explain(retriever.query_weights(codes[rows[:1]]), rows[0], 2)
+    explained = retriever.explain(retriever.query_weights(codes[rows[:1]]), [rows[0]], 2)[0]
     assert len(explained) == 2 and explained[0][1] >= explained[1][1]
+
+
+def test_explain_lists_each_passages_largest_contributions():
+    codes = random_codes(n=30, m=64, density=0.2, seed=5)
+    retriever = Retriever(codes, np.full(30, 10.0, dtype=np.float32), np.eye(64, dtype=np.float32), ScoringConfig())
+    weights = retriever.query_weights(codes[[4]])
+    rows = [4, 0, 17, 4]
+    explained = retriever.explain(weights, rows, 3)
+    assert len(explained) == len(rows) and explained[0] == explained[3]
+    for row, latents in zip(rows, explained):
+        dense = weights.toarray()[0] * retriever.doc_weights[row].toarray()[0]
+        expected = np.argsort(-dense)[: min(3, int((dense > 0).sum()))]
+        assert [j for j, _ in latents] == expected.tolist()
+        np.testing.assert_allclose([c for _, c in latents], dense[expected], rtol=1e-6)
+    assert retriever.explain(weights, [], 3) == []
 
 
 def test_pruning_keeps_the_strongest_latents_per_passage():
@@ -177,7 +192,7 @@ def test_feedback_finds_a_passage_that_shares_no_latent_with_the_query():
     assert set(weights.indices) == {0, 5, 6}
     scores, ids = retriever.search(query, 3)
     assert ids[0].tolist() == [0, 1, 2] and scores[0, 1] > 0 and scores[0, 2] == 0
-    assert {j for j, _ in retriever.explain(weights, 1, 3)} == {5, 6}  # why passage 1 matched
+    assert {j for j, _ in retriever.explain(weights, [1], 3)[0]} == {5, 6}  # why passage 1 matched
 
 
 def test_feedback_settings_are_validated():
