@@ -181,6 +181,7 @@ def time_methods(runs: list[MethodRun], texts: list[str], latency_queries: int) 
         run.row["latency"] = {**percentiles(out), "batch_queries_per_s": batch}
 
 
+# --- ragsae --------------------------------------------------------------------------------
 def timed_capture(
     llm: LoadedLlm,
     texts: list[str],

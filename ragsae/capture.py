@@ -102,8 +102,9 @@ def capture(
     """Residual-stream activations at each of `layers` for every token of every text.
 
     Only blocks up to max(layers) run: as plain tensor operations for Llama-family models
-    (`trunk.py`), otherwise through the model's forward with hooks. Texts are batched by length (deterministic order),
-    results come back in input order. Tokens of `stopwords` are fed but not returned.
+    (`trunk.py`), otherwise through the model's forward with hooks. Texts are batched by length
+    (deterministic order), results come back in input order. Tokens of `stopwords` are fed but not
+    returned.
     """
     for layer in layers:
         check_layer(llm, layer)
@@ -191,7 +192,7 @@ class ActivationCache:
         return TokenActivations(values, offsets)
 
     def save(self, path: Path, acts: TokenActivations, timing: dict[str, Any] | None = None) -> None:
-        """Write an entry; `timing` ({"seconds", "device"} of the capture) goes beside it."""
+        """Write an entry; `timing` (the capture's seconds, device and layers) goes beside it."""
         path.mkdir(parents=True, exist_ok=True)
         (path / "offsets.npy").unlink(missing_ok=True)  # incomplete until rewritten below
         if timing is not None:

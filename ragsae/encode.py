@@ -30,7 +30,7 @@ class PooledCodes:
 
 def selection_dtype(llm: LoadedLlm) -> torch.dtype:
     """Precision at which the SAE chooses its latents: the LLM's own (bfloat16 where that runs
-    natively, `llm.resolve_dtype`), whose activations carry no more than that; values stay float32."""
+    natively: `resolve_dtype` in llm.py), whose activations carry no more than that; values stay float32."""
     return llm.dtype if llm.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
