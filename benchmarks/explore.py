@@ -41,6 +41,11 @@ contrastive
     learned scale initialised to 1 / std of the first batch's scores; Adam, decoder rows kept at
     unit norm. `--settings LAMBDA:LR:EPOCHS[:easy]`; `easy` is the first variant tried (span kept
     in the passage, random batches, scale initialised to 1). Fine-tuned SAEs are not cached.
+shared-sae
+    SAEs trained on other text than the collection's own passages (`--with DATASET_DIR ...`): each
+    other collection's own default SAE, and one SAE (default config) trained on the passages of
+    this collection and the others together; all scored on this collection. Columns: FVU and dead
+    fraction on this collection's passages.
 
 These are explorations, not the benchmark: they try directions before any of them becomes a library
 option. The results kept (quoted, with their command) feed `benchmarks/README.md`. Each run writes
@@ -103,7 +108,16 @@ from ragsae.storage import write_json_atomic, write_text_atomic
 
 DEPTH = 100
 """Passages retrieved per query (R@100 needs 100)."""
-STUDIES = ("scoring", "feedback", "prefix", "passage-prefix", "passage-stopwords", "multilayer", "contrastive")
+STUDIES = (
+    "scoring",
+    "feedback",
+    "prefix",
+    "passage-prefix",
+    "passage-stopwords",
+    "multilayer",
+    "contrastive",
+    "shared-sae",
+)
 
 QUERY_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "binary": np.ones_like,
@@ -693,6 +707,23 @@ def training_record(history: list[dict[str, float]], epochs: int) -> dict[str, A
     return {"epochs": per_epoch, "final_ce": per_epoch[-1]["ce"], "final_acc": per_epoch[-1]["acc"]}
 
 
+def sae_row(
+    setup: Setup,
+    label: str,
+    sae: SparseAutoencoder,
+    sample: np.ndarray,
+    extra_columns: dict[str, Any] | None = None,
+    **details: Any,
+) -> dict[str, Any]:
+    """Retrieval with `sae`'s codes of the setup's passages and queries, and its FVU and dead
+    fraction on `sample` (activations of the collection's passages)."""
+    docs, queries = pool(setup, setup.acts, sae, progress=True), pool(setup, setup.query_acts, sae)
+    stats = evaluate_sae(sae, sample, setup.collection.llm.device)
+    columns = {"FVU": stats["fvu"], "dead": stats["dead_fraction"], "latents/passage": per_row(docs.codes)}
+    metrics = sparse_metrics(setup, docs, queries, sae)
+    return result_row(label, metrics, {**columns, **(extra_columns or {})}, sae_stats=stats, **details)
+
+
 def contrastive_row(
     setup: Setup,
     label: str,
@@ -701,20 +732,14 @@ def contrastive_row(
     record: dict[str, Any] | None = None,
     **details: Any,
 ) -> dict[str, Any]:
-    """Retrieval with `sae`'s codes, its FVU and dead fraction on `sample`, and its training record."""
-    docs, queries = pool(setup, setup.acts, sae, progress=True), pool(setup, setup.query_acts, sae)
-    stats = evaluate_sae(sae, sample, setup.collection.llm.device)
+    """`sae_row` with the fine-tuning record's columns."""
     record = record or {}
     columns = {
-        "FVU": stats["fvu"],
-        "dead": stats["dead_fraction"],
-        "latents/passage": per_row(docs.codes),
         "train s": record.get("train_seconds"),
         "CE (last epoch)": record.get("final_ce"),
         "acc (last epoch)": record.get("final_acc"),
     }
-    metrics = sparse_metrics(setup, docs, queries, sae)
-    return result_row(label, metrics, columns, sae_stats=stats, training=record or None, **details)
+    return sae_row(setup, label, sae, sample, columns, training=record or None, **details)
 
 
 def study_contrastive(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -724,6 +749,41 @@ def study_contrastive(setup: Setup, args: argparse.Namespace) -> list[dict[str, 
     for setting in args.parsed_settings:
         sae, record = finetune(setup, setting, setup.build.sae.seed)
         rows.append(contrastive_row(setup, setting.label, sae, sample, record, finetune=dataclasses.asdict(setting)))
+    return rows
+
+
+# --- study: SAEs trained on other text --------------------------------------------------------
+def other_collection(setup: Setup, dataset: str, split: str) -> Collection:
+    """Another BEIR collection read by the same LLM and split into passages the same way."""
+    documents, queries, qrels = load_beir(dataset, split)
+    cfg, llm = setup.build.capture, setup.collection.llm
+    passages = split_passages(documents, llm.tokenizer, cfg.window, cfg.overlap)
+    name = Path(dataset).resolve().name
+    return Collection(name, llm, len(documents), passages, queries, qrels, setup.collection.cache_root)
+
+
+def study_shared_sae(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The collection's own SAE; each `--with` collection's own SAE (its default build, trained on its
+    passages only); and one SAE trained on the passages of all of them together (default config,
+    cached like any bench SAE). Always scored on this collection's passages and queries."""
+    build, llm, cfg = setup.build, setup.collection.llm, setup.build.capture
+    cache = ActivationCache(setup.collection.cache_root / "activations")
+    sample = np.asarray(setup.acts.values[:FVU_ROWS], dtype=np.float32)
+    parts = {activations_key(llm, cfg.layer, cfg, setup.collection.texts): (setup.collection.name, setup.acts)}
+    rows = [sae_row(setup, f"own SAE ({setup.collection.name} passages)", setup.sae, sample)]
+    for dataset in args.with_datasets:
+        other = other_collection(setup, dataset, args.split)
+        acts, _ = timed_capture(llm, other.texts, cfg.layer, cfg, cache, True, need_timing=False)
+        key = activations_key(llm, cfg.layer, cfg, other.texts)
+        sae = cached_sae(acts, key, build.sae, llm, cfg.layer, setup.collection.cache_root, True).eval()
+        rows.append(sae_row(setup, f"{other.name}'s SAE ({other.name} passages)", sae, sample))
+        parts[key] = (other.name, acts)
+    keys = sorted(parts)  # one order, so that every collection of the union reads the same cached SAE
+    values = np.concatenate([np.asarray(parts[key][1].values) for key in keys])
+    union = TokenActivations(values, np.array([0, len(values)], dtype=np.int64))
+    sae = cached_sae(union, " + ".join(keys), build.sae, llm, cfg.layer, setup.collection.cache_root, True).eval()
+    names = " + ".join(parts[key][0] for key in keys)
+    rows.append(sae_row(setup, f"shared SAE ({names} passages, {len(values)} tokens)", sae, sample))
     return rows
 
 
@@ -758,8 +818,13 @@ STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, 
     "passage-stopwords": study_passage_stopwords,
     "multilayer": study_multilayer,
     "contrastive": study_contrastive,
+    "shared-sae": study_shared_sae,
 }
-STUDY_OPTIONS = {"multilayer": ("other_layer", "other_epochs"), "contrastive": ("settings",)}
+STUDY_OPTIONS = {
+    "multilayer": ("other_layer", "other_epochs"),
+    "contrastive": ("settings",),
+    "shared-sae": ("with_datasets",),
+}
 
 
 def run_study(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -813,6 +878,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--other-layer", type=int, default=6, help="multilayer: the layer added to the default one")
     parser.add_argument("--other-epochs", type=int, default=1, help="multilayer: SAE epochs for --other-layer")
     parser.add_argument(
+        "--with",
+        dest="with_datasets",
+        nargs="+",
+        default=[],
+        metavar="DATASET_DIR",
+        help="shared-sae: other BEIR collections whose passages the shared SAE also trains on",
+    )
+    parser.add_argument(
         "--settings",
         nargs="+",
         default=list(DEFAULT_SETTINGS),
@@ -831,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.other_epochs < 1:
         parser.error("--other-epochs must be >= 1")
+    if args.study == "shared-sae" and not args.with_datasets:
+        parser.error("shared-sae needs --with DATASET_DIR [...]")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     result, table = run_study(args)
     print(table)

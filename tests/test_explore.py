@@ -74,3 +74,30 @@ def test_contrastive_objective_learns_to_pair_pseudo_queries_with_their_passages
     assert fvu_after < fvu_before + 0.1  # the reconstruction term keeps the codes faithful
     norms = sae.W_dec.detach().norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_shared_sae_study_scores_own_other_and_shared_saes(tiny_build_config, tiny_llm, tmp_path):
+    import argparse
+
+    from conftest import msmarco_slice
+
+    from ragsae.bench import load_beir
+    from ragsae.corpus import split_passages
+
+    first, second = msmarco_slice(tmp_path / "a", 3, 30, 12), msmarco_slice(tmp_path / "b", 2, 10, 40)
+    documents, queries, qrels = load_beir(first)
+    cfg = tiny_build_config.capture
+    passages = split_passages(documents, tiny_llm.tokenizer, cfg.window, cfg.overlap)
+    collection = explore.Collection("a", tiny_llm, len(documents), passages, queries, qrels, tmp_path / "cache")
+    setup = explore.make_setup(collection, tiny_build_config)
+    args = argparse.Namespace(with_datasets=[str(second)], split="test")
+    rows = explore.study_shared_sae(setup, args)
+    assert [row["setting"].split(" ")[0] for row in rows] == ["own", "b's", "shared"]
+    shared_tokens = int(rows[2]["setting"].split(", ")[1].split(" ")[0])
+    assert shared_tokens > len(setup.acts.values)  # this collection's passages and the other's
+    assert all(0.0 <= row["metrics"]["nDCG@10"] <= 1.0 and row["columns"]["FVU"] > 0 for row in rows)
+    trained = sorted((tmp_path / "cache" / "sae").iterdir())
+    assert len(trained) == 3  # own, other, shared: all cached
+    again = explore.study_shared_sae(setup, args)
+    assert sorted((tmp_path / "cache" / "sae").iterdir()) == trained
+    assert [row["metrics"] for row in again] == [row["metrics"] for row in rows]
