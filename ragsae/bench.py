@@ -49,6 +49,7 @@ SWEEP_KEYS = {
     "latents": ("sae", "num_latents", int),
     "architecture": ("sae", "architecture", str),
     "epochs": ("sae", "epochs", int),
+    "auxk": ("sae", "auxk_coef", float),
     "pooling": ("scoring", "pooling", str),
     "prefix": ("capture", "query_prefix", str),
     "passage_prefix": ("capture", "passage_prefix", str),
