@@ -191,10 +191,13 @@ class Setup:
     query_acts: TokenActivations
 
 
-def load_collection(dataset: str, split: str, build: BuildConfig, cache_root: Path) -> Collection:
-    """Documents, judged queries and qrels of `dataset`, split into passages as `ragsae bench` does."""
+def load_collection(
+    dataset: str, split: str, build: BuildConfig, cache_root: Path, llm: LoadedLlm | None = None
+) -> Collection:
+    """Documents, judged queries and qrels of `dataset`, split into passages as `ragsae bench` does,
+    read by `llm` (loaded from `build` if not given)."""
     documents, queries, qrels = load_beir(dataset, split)
-    llm = load_llm(build.llm, progress=True)
+    llm = llm or load_llm(build.llm, progress=True)
     passages = split_passages(documents, llm.tokenizer, build.capture.window, build.capture.overlap)
     return Collection(Path(dataset).resolve().name, llm, len(documents), passages, queries, qrels, cache_root)
 
@@ -753,15 +756,6 @@ def study_contrastive(setup: Setup, args: argparse.Namespace) -> list[dict[str, 
 
 
 # --- study: SAEs trained on other text --------------------------------------------------------
-def other_collection(setup: Setup, dataset: str, split: str) -> Collection:
-    """Another BEIR collection read by the same LLM and split into passages the same way."""
-    documents, queries, qrels = load_beir(dataset, split)
-    cfg, llm = setup.build.capture, setup.collection.llm
-    passages = split_passages(documents, llm.tokenizer, cfg.window, cfg.overlap)
-    name = Path(dataset).resolve().name
-    return Collection(name, llm, len(documents), passages, queries, qrels, setup.collection.cache_root)
-
-
 def study_shared_sae(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The collection's own SAE; each `--with` collection's own SAE (its default build, trained on its
     passages only); and one SAE trained on the passages of all of them together (default config,
@@ -772,7 +766,7 @@ def study_shared_sae(setup: Setup, args: argparse.Namespace) -> list[dict[str, A
     parts = {activations_key(llm, cfg.layer, cfg, setup.collection.texts): (setup.collection.name, setup.acts)}
     rows = [sae_row(setup, f"own SAE ({setup.collection.name} passages)", setup.sae, sample)]
     for dataset in args.with_datasets:
-        other = other_collection(setup, dataset, args.split)
+        other = load_collection(dataset, args.split, build, setup.collection.cache_root, llm)
         acts, _ = timed_capture(llm, other.texts, cfg.layer, cfg, cache, True, need_timing=False)
         key = activations_key(llm, cfg.layer, cfg, other.texts)
         sae = cached_sae(acts, key, build.sae, llm, cfg.layer, setup.collection.cache_root, True).eval()

@@ -196,13 +196,14 @@ def timed_capture(
 
     An entry cached without a timing is captured again only when `need_timing` (sweep rows skip it).
     """
-    key = cache.key(llm.activation_key, layer, cfg.window, cfg.passage_prefix, fingerprint(texts))
+    texts_fingerprint = fingerprint(texts)
+    key = cache.key(llm.activation_key, layer, cfg.window, cfg.passage_prefix, texts_fingerprint)
     refresh = need_timing and cache.timing(key) is None
     acts = capture_cached(
         llm,
         texts,
         [layer],
-        fingerprint(texts),
+        texts_fingerprint,
         cache,
         cfg.window,
         cfg.batch_size,

@@ -47,16 +47,24 @@ def bm25_document_weights(
     return weights
 
 
+def strongest_entries(ranking: sp.csr_matrix, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions into `ranking.data`, new indptr) of the `keep` highest entries of each row, in order."""
+    rows = []
+    for r in range(ranking.shape[0]):
+        lo, hi = ranking.indptr[r], ranking.indptr[r + 1]
+        rows.append(np.sort(np.argsort(-ranking.data[lo:hi], kind="stable")[:keep]) + lo)
+    picked = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return picked, np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+
+
+def take_entries(matrix: sp.csr_matrix, picked: np.ndarray, indptr: np.ndarray) -> sp.csr_matrix:
+    """The entries `strongest_entries` chose, from a matrix with the ranking's sparsity pattern."""
+    return sp.csr_matrix((matrix.data[picked], matrix.indices[picked], indptr), shape=matrix.shape)
+
+
 def prune_rows(codes: sp.csr_matrix, ranking: sp.csr_matrix, keep: int) -> sp.csr_matrix:
     """`codes` with only the `keep` entries per row that rank highest in `ranking` (same sparsity pattern)."""
-    rows = []
-    for r in range(codes.shape[0]):
-        lo, hi = codes.indptr[r], codes.indptr[r + 1]
-        order = np.sort(np.argsort(-ranking.data[lo:hi], kind="stable")[:keep]) + lo
-        rows.append(order)
-    picked = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-    return sp.csr_matrix((codes.data[picked], codes.indices[picked], indptr), shape=codes.shape)
+    return take_entries(codes, *strongest_entries(ranking, keep))
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,11 +247,14 @@ class Retriever:
         # IDF comes from the unpruned codes (given back by a saved index): pruning must not make a
         # latent look rarer than it is.
         self.idf = latent_idf(codes) if idf is None else idf
+        weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
         if config.max_latents is not None and np.diff(codes.indptr).max(initial=0) > config.max_latents:
-            weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
-            codes = prune_rows(codes, weights, config.max_latents)
+            # A BM25 weight depends only on its own entry and the passage length: pruning the weights
+            # as the codes are pruned gives what recomputing them on the pruned codes would.
+            kept = strongest_entries(weights, config.max_latents)
+            codes, weights = take_entries(codes, *kept), take_entries(weights, *kept)
         self.codes = codes
-        self.doc_weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
+        self.doc_weights = weights
         self.postings = inverted_index(self.doc_weights)
         self.doc_norms = row_norms(self.doc_weights)
         self.w_dec = w_dec

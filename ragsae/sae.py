@@ -90,6 +90,9 @@ class SparseAutoencoder(nn.Module):
         self.metadata: dict[str, Any] = {}
         self.weights_sha256: str | None = None
         """SHA-256 of the weights file this SAE was last saved to or loaded from."""
+        self._low_weights: torch.Tensor | None = None
+        self._low_key: tuple[Any, ...] | None = None
+        """W_enc converted for low-precision selection, and the (dtype, version, storage) it came from."""
 
     @property
     def num_latents(self) -> int:
@@ -128,7 +131,7 @@ class SparseAutoencoder(nn.Module):
     def _encoder_weights(self, dtype: torch.dtype) -> torch.Tensor:
         """W_enc in `dtype`, converted once per weight update (tracked by the tensor's version)."""
         key = (dtype, self.W_enc._version, self.W_enc.data_ptr())
-        if getattr(self, "_low_key", None) != key:
+        if self._low_key != key:
             self._low_weights = self.W_enc.detach().to(dtype)
             self._low_key = key
         return self._low_weights

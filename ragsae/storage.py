@@ -97,6 +97,10 @@ def log8_decode(steps: np.ndarray, log2_range: tuple[float, float] = LOG2_VALUE_
     return np.exp2(lo + steps.astype(np.float64) * ((hi - lo) / VALUE_LEVELS)).astype(np.float32)
 
 
+COMPACT_CSR_ARRAYS = ("shape", "indptr", "indices", "values", "log2_range")
+"""The arrays of a compact CSR file, in the order `load_compact_csr` reads them."""
+
+
 def compact_csr_arrays(matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
     """A CSR matrix as small arrays: uint16 column ids when they fit, 8-bit log-scale values."""
     index_dtype = np.uint16 if matrix.shape[1] <= 1 << 16 else np.int32
@@ -127,14 +131,12 @@ def load_compact_csr(path: str | Path, error: type[Exception] = ValueError) -> s
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            parts = {name: arrays[name] for name in ("shape", "indptr", "indices", "values", "log2_range")}
+            parts = {name: arrays[name] for name in COMPACT_CSR_ARRAYS}
     except KeyError as exc:
         raise error(f"{path}: missing array {exc}") from None
     except (OSError, ValueError) as exc:
         raise error(f"{path}: not a readable .npz file ({exc})") from None
-    shape, indptr, indices, values, log2_range = (
-        parts[n] for n in ("shape", "indptr", "indices", "values", "log2_range")
-    )
+    shape, indptr, indices, values, log2_range = (parts[name] for name in COMPACT_CSR_ARRAYS)
     if shape.shape != (2,) or indptr.shape != (int(shape[0]) + 1,):
         raise error(f"{path}: indptr has {indptr.shape[0]} entries for shape {tuple(shape)}")
     if indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != len(indices) or len(values) != len(indices):
