@@ -450,7 +450,10 @@ def apply_setting(build: BuildConfig, setting: dict[str, Any]) -> BuildConfig:
 def command_line() -> str:
     """How this process was started, as one would type it again."""
     program = sys.argv[0]
-    head = ["python", program] if program.endswith(".py") else [Path(program).name]
+    if Path(program).name == "__main__.py":  # python -m PACKAGE
+        head = ["python", "-m", Path(program).parent.name]
+    else:
+        head = ["python", program] if program.endswith(".py") else [Path(program).name]
     return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 

@@ -6,6 +6,7 @@ import pytest
 from ragsae.bench import (
     BenchConfig,
     apply_setting,
+    command_line,
     evaluate,
     load_beir,
     parse_sweep,
@@ -130,3 +131,12 @@ def test_harness_on_tiny_collection(tiny_collection, tiny_build_config, tmp_path
     # A rerun reuses cached activations and SAE: same numbers.
     again = run_benchmark(bench)
     assert again["rows"][0]["metrics"] == saved["rows"][0]["metrics"]
+
+
+def test_command_line_is_written_as_typed(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/some/where/ragsae/__main__.py", "bench", "data dir", "--sweep", "k=8"])
+    assert command_line() == "python -m ragsae bench 'data dir' --sweep k=8"
+    monkeypatch.setattr("sys.argv", ["benchmarks/run_bench.py", "data"])
+    assert command_line() == "python benchmarks/run_bench.py data"
+    monkeypatch.setattr("sys.argv", ["/usr/local/bin/ragsae", "bench", "data"])
+    assert command_line() == "ragsae bench data"

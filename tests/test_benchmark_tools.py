@@ -1,0 +1,65 @@
+"""The benchmark tools beside the bench: capture_speed.py and trim_gguf.py (benchmarks/)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragsae.capture import capture, tokenize
+from ragsae.config import LlmConfig
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+capture_speed = load_script("capture_speed")
+trim_gguf = load_script("trim_gguf")
+
+
+def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collection, tmp_path):
+    args = [str(tiny_collection), "--model", str(tiny_llm_dir), "--device", "cpu", "--layers", "3,1"]
+    assert capture_speed.main([*args, "--passages", "5", "--queries", "2", "--output-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "capture-speed-cpu.json").read_text())
+    assert set(result["agreement"]) == {"1", "3"} and result["passages"] == 5 and result["queries"] == 2
+    for layer in result["agreement"].values():
+        assert layer["equal_fraction"] > 0.99 and layer["max_abs_diff"] < 0.05
+    for path in ("trunk", "hooked"):
+        assert result["tokens_per_s"][path] > 0 and result["query_p50_ms"][path] > 0
+    assert "| trunk |" in (tmp_path / "capture-speed-cpu.md").read_text()
+
+
+def test_capture_speed_refuses_a_model_without_a_trunk(monkeypatch, tiny_llm_dir, tiny_collection, tmp_path):
+    monkeypatch.setattr("ragsae.llm.LoadedLlm.trunk", lambda self, layer: None)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        capture_speed.main([str(tiny_collection), "--model", str(tiny_llm_dir), "--output-dir", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_trimmed_gguf_keeps_activations_and_only_the_kept_tokens(tmp_path):
+    """The bundled GGUF cut to 2 blocks and one sentence's tokens: layer-1 activations of that
+    sentence equal the full model's; other tokens' embeddings are zero."""
+    from ragsae.llm import DEFAULT_GGUF_FILE, default_gguf_folder, load_llm
+
+    full = load_llm(LlmConfig(device="cpu"))
+    text = ["Sparse autoencoders read the residual stream."]
+    kept = set(full.tokenizer.all_special_ids) | set(tokenize(full, text, 64, "Document: ")[0][0])
+    trim_gguf.write_trimmed(default_gguf_folder() / DEFAULT_GGUF_FILE, tmp_path / "small.gguf", 2, kept)
+    small = load_llm(LlmConfig(model=str(tmp_path), gguf_file="small.gguf", device="cpu"))
+    assert small.num_layers == 2 and full.num_layers == 30
+    a = capture(full, text, [1], 64, 1, "Document: ")[1].values
+    b = capture(small, text, [1], 64, 1, "Document: ")[1].values
+    assert np.array_equal(a, b)
+    embedding = small.model.get_input_embeddings().weight
+    unused = next(t for t in range(1000, 2000) if t not in kept)
+    assert float(embedding[unused].abs().sum()) == 0.0
+    assert float(embedding[sorted(kept)[-1]].abs().sum()) > 0.0
