@@ -178,10 +178,12 @@ def reciprocal_rank_fusion(
 
 
 class FaissSearcher:
-    """Inner-product FAISS index over dense vectors, on the GPU when faiss-gpu and CUDA are there."""
+    """Inner-product FAISS index over dense vectors, searched on the GPU when faiss-gpu and CUDA are
+    there. `index` is the CPU index (what is saved); `searched` is what answers queries."""
 
-    def __init__(self, index: Any):
+    def __init__(self, index: Any, use_gpu: bool = True):
         self.index = index
+        self.searched = to_gpu_if_available(index) if use_gpu else index
 
     @classmethod
     def build(cls, vectors: np.ndarray, use_gpu: bool = True, quantized: bool = False) -> FaissSearcher:
@@ -196,37 +198,61 @@ class FaissSearcher:
         else:
             index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
-        return cls(to_gpu_if_available(index) if use_gpu else index)
+        return cls(index, use_gpu)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.searched is not self.index
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        scores, ids = self.searched.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return scores, ids.astype(np.int64)
 
     def save(self, path: str) -> None:
         import faiss
 
-        index = self.index
-        if hasattr(faiss, "index_gpu_to_cpu") and type(index).__name__.startswith("Gpu"):
-            index = faiss.index_gpu_to_cpu(index)
-        faiss.write_index(index, path)
+        faiss.write_index(self.index, path)
 
     @classmethod
     def load(cls, path: str, use_gpu: bool = True) -> FaissSearcher:
         import faiss
 
-        index = faiss.read_index(path)
-        return cls(to_gpu_if_available(index) if use_gpu else index)
+        return cls(faiss.read_index(path), use_gpu)
 
 
-def to_gpu_if_available(index: Any) -> Any:
+_gpu_resources: Any = None
+
+
+def shared_gpu_resources() -> Any:
+    """One `StandardGpuResources` per process: each reserves scratch memory on the GPU."""
+    global _gpu_resources
+    if _gpu_resources is None:
+        import faiss
+
+        _gpu_resources = faiss.StandardGpuResources()
+    return _gpu_resources
+
+
+def to_gpu_if_available(index: Any, block: int = 1 << 20) -> Any:
+    """`index` copied to GPU 0 when this FAISS build has GPU support and sees a GPU, else `index`.
+
+    FAISS has no GPU version of the flat 8-bit scalar quantiser that ragsae saves: its vectors are
+    decoded (`block` at a time) into a float16 scalar-quantised index, which FAISS serves from a
+    float16 flat GPU index. Scores then differ from the CPU's by float16 rounding of the decoded values.
+    """
     import faiss
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         return index
+    source = index
+    if isinstance(index, faiss.IndexScalarQuantizer) and index.sq.qtype != faiss.ScalarQuantizer.QT_fp16:
+        source = faiss.IndexScalarQuantizer(index.d, faiss.ScalarQuantizer.QT_fp16, index.metric_type)
+        for start in range(0, index.ntotal, block):
+            source.add(index.reconstruct_n(start, min(block, index.ntotal - start)))
     try:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    except RuntimeError as error:  # pragma: no cover - depends on the GPU build
-        logger.warning("FAISS GPU transfer failed (%s); staying on the CPU", error)
+        return faiss.index_cpu_to_gpu(shared_gpu_resources(), 0, source)
+    except RuntimeError as error:  # an index type this FAISS build cannot place on the GPU
+        logger.warning("FAISS GPU transfer failed (%s); searching on the CPU", error)
         return index
 
 

@@ -100,6 +100,59 @@ def test_quantized_faiss_keeps_the_ranking_and_a_quarter_of_the_bytes(tmp_path):
     assert (tmp_path / "small.index").stat().st_size < 0.3 * (tmp_path / "exact.index").stat().st_size
 
 
+@pytest.fixture
+def fake_gpu_faiss(monkeypatch):
+    """faiss-cpu dressed as a GPU build: `index_cpu_to_gpu` records what it is given and returns it."""
+    import faiss
+
+    import ragsae.retrieve as retrieve
+
+    moved = []
+    monkeypatch.setattr(retrieve, "_gpu_resources", None)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+
+    def index_cpu_to_gpu(resources, device, index):
+        assert resources == "resources" and device == 0
+        moved.append(index)
+        return index
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", index_cpu_to_gpu, raising=False)
+    return moved
+
+
+def test_quantized_faiss_is_searched_on_the_gpu_as_float16_and_saved_as_8_bit(fake_gpu_faiss, tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, 32)).astype(np.float32)
+    cpu = FaissSearcher.build(vectors, use_gpu=False, quantized=True)
+    gpu = FaissSearcher.build(vectors, quantized=True)
+    assert gpu.on_gpu and not cpu.on_gpu and len(fake_gpu_faiss) == 1
+    moved = fake_gpu_faiss[0]  # FAISS has no flat 8-bit index on the GPU: float16 vectors go instead
+    assert isinstance(moved, faiss.IndexScalarQuantizer) and moved.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+    decoded = gpu.index.reconstruct_n(0, 300)
+    np.testing.assert_allclose(moved.reconstruct_n(0, 300), decoded, rtol=2**-10, atol=1e-6)
+    assert (gpu.search(vectors[:20], 10)[1] == cpu.search(vectors[:20], 10)[1]).mean() > 0.95
+    gpu.save(str(tmp_path / "gpu.index"))
+    cpu.save(str(tmp_path / "cpu.index"))
+    assert (tmp_path / "gpu.index").read_bytes() == (tmp_path / "cpu.index").read_bytes()
+    flat = FaissSearcher.build(vectors)  # float32 flat indexes go to the GPU as they are
+    assert fake_gpu_faiss[-1] is flat.index
+
+
+def test_faiss_stays_on_the_cpu_when_the_gpu_refuses_the_index(fake_gpu_faiss, monkeypatch, caplog):
+    import faiss
+
+    def refuse(resources, device, index):
+        raise RuntimeError("This index type is not implemented on GPU.")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", refuse)
+    searcher = FaissSearcher.build(np.eye(4, dtype=np.float32))
+    assert not searcher.on_gpu and searcher.search(np.eye(4, dtype=np.float32), 1)[1].ravel().tolist() == [0, 1, 2, 3]
+    assert "searching on the CPU" in caplog.text
+
+
 def test_decoder_vectors_are_unit_norm():
     w_dec = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
     codes = random_codes()
