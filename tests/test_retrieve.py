@@ -137,6 +137,8 @@ def test_quantized_faiss_is_searched_on_the_gpu_as_float16_and_saved_as_8_bit(fa
     gpu.save(str(tmp_path / "gpu.index"))
     cpu.save(str(tmp_path / "cpu.index"))
     assert (tmp_path / "gpu.index").read_bytes() == (tmp_path / "cpu.index").read_bytes()
+    loaded = FaissSearcher.load(str(tmp_path / "gpu.index"))  # a loaded index takes the same way
+    assert loaded.on_gpu and fake_gpu_faiss[-1].sq.qtype == faiss.ScalarQuantizer.QT_fp16
     flat = FaissSearcher.build(vectors)  # float32 flat indexes go to the GPU as they are
     assert fake_gpu_faiss[-1] is flat.index
 
