@@ -50,6 +50,7 @@ SWEEP_KEYS = {
     "architecture": ("sae", "architecture", str),
     "epochs": ("sae", "epochs", int),
     "auxk": ("sae", "auxk_coef", float),
+    "seed": ("sae", "seed", int),
     "pooling": ("scoring", "pooling", str),
     "prefix": ("capture", "query_prefix", str),
     "passage_prefix": ("capture", "passage_prefix", str),
@@ -466,9 +467,22 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -271,7 +271,8 @@ def train_sae(
     """Train an SAE on (n_tokens, d_model) activations; returns the model and its report.
 
     Adam with warm-up and cosine decay, gradient clipping, decoder rows kept at unit norm,
-    bf16 autocast on CUDA. Deterministic for a given seed on CPU.
+    bf16 autocast on CUDA. Deterministic for a given seed on one CPU type (another CPU's kernels round
+    differently, and training drifts to another SAE).
     """
     config = config or SaeConfig()
     device = torch.device(device)

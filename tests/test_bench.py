@@ -9,6 +9,7 @@ from ragsae.bench import (
     command_line,
     evaluate,
     load_beir,
+    machine,
     parse_sweep,
     run_benchmark,
     sweep_stem,
@@ -54,6 +55,7 @@ def test_sweep_parsing_and_validation():
     ]
     assert apply_setting(BuildConfig(), {"max_latents": None, "feedback": 0}).scoring.feedback_passages == 0
     assert apply_setting(BuildConfig(), parse_sweep(["auxk=0.125"])[0]).sae.auxk_coef == 0.125
+    assert apply_setting(BuildConfig(), parse_sweep(["seed=3"])[0]).sae.seed == 3
     assert sweep_stem("cranfield", ["layer=4,8", "k=16"]) == "cranfield-sweep-layer-k"
     assert sweep_stem("cranfield", []) == "cranfield"
     with pytest.raises(ValueError, match="pooling must be one of"):
@@ -140,3 +142,8 @@ def test_command_line_is_written_as_typed(monkeypatch):
     assert command_line() == "python benchmarks/run_bench.py data"
     monkeypatch.setattr("sys.argv", ["/usr/local/bin/ragsae", "bench", "data"])
     assert command_line() == "ragsae bench data"
+
+
+def test_machine_names_the_processor():
+    info = machine()
+    assert isinstance(info["cpu"], str) and info["cpu"] and info["cpus"] >= 1
