@@ -50,7 +50,7 @@ def write_trimmed(source: Path, target: Path, blocks: int, kept_tokens: set[int]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         value = blocks if field.name == f"{arch}.block_count" else field.contents()
         writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
-    tensors = {}
+    kept_data = []
     for tensor in reader.tensors:
         if tensor.name.startswith("blk.") and int(tensor.name.split(".")[1]) >= blocks:
             continue
@@ -59,12 +59,12 @@ def write_trimmed(source: Path, target: Path, blocks: int, kept_tokens: set[int]
             unused = np.ones(data.shape[0], dtype=bool)
             unused[sorted(kept_tokens)] = False
             data[unused] = 0
-        tensors[tensor.name] = (tensor, data)
+        kept_data.append(data)
         writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _tensor, data in tensors.values():
+    for data in kept_data:
         writer.write_tensor_data(data, tensor_endianess=reader.endianess)
     writer.close()
 

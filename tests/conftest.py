@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,12 @@ def msmarco_slice(folder: Path, n_queries: int, max_judged: int, fillers: int) -
 @pytest.fixture
 def tiny_collection(tmp_path):
     return msmarco_slice(tmp_path / "tiny", 3, 30, 12)
+
+
+def load_benchmark_script(name: str):
+    """benchmarks/NAME.py imported as module NAME (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,27 +1,16 @@
 """The benchmark tools beside the bench: capture_speed.py and trim_gguf.py (benchmarks/)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark_script
 
 from ragsae.capture import capture, tokenize
 from ragsae.config import LlmConfig
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-capture_speed = load_script("capture_speed")
-trim_gguf = load_script("trim_gguf")
+capture_speed = load_benchmark_script("capture_speed")
+trim_gguf = load_benchmark_script("trim_gguf")
 
 
 def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collection, tmp_path):

@@ -1,23 +1,17 @@
 """The exploration script's objective and scoring pieces (benchmarks/explore.py)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from conftest import load_benchmark_script
 
 from ragsae.capture import TokenActivations
 from ragsae.config import SaeConfig, ScoringConfig
 from ragsae.sae import train_sae
 
-_spec = importlib.util.spec_from_file_location("explore", Path(__file__).parents[1] / "benchmarks" / "explore.py")
-explore = importlib.util.module_from_spec(_spec)
-sys.modules["explore"] = explore
-_spec.loader.exec_module(explore)
+explore = load_benchmark_script("explore")
 
 
 def test_settings_parse_and_refuse_bad_input():
