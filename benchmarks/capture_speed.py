@@ -2,20 +2,24 @@
 
 python benchmarks/capture_speed.py ../shared/datasets/msmarco-5k [--model DIR --gguf-file NAME] [--device cuda]
 
-Both paths capture the same passages (the collection's first `--passages`, split and prefixed as
-`ragsae bench` does) at `--layers` (default 4 and 8). Reports how many activation values are equal
-and the largest difference, passage capture throughput (tokens/s, second of two runs, so kernels are
-warm), and the median time to capture one query through the last layer (`--queries` of the
-collection's queries, each alone, as a search does). Writes OUTPUT_DIR/capture-speed-<device>.json and .md.
+The paths: the trunk; where its weights are prepacked for oneDNN (`ragsae/linear.py`, CPU in
+bfloat16), the trunk without that ("trunk-unpacked"); the model's hooked forward. Each captures the
+same passages (the collection's first `--passages`, split and prefixed as `ragsae bench` does) at
+`--layers` (default 4 and 8). Reports how many activation values equal the hooked forward's and the
+largest difference, passage capture throughput (tokens/s, second of two runs, so kernels are warm),
+and the median time to capture one query through the last layer (`--queries` of the collection's
+queries, each alone, as a search does; the paths take turns query by query, so they share whatever
+else the machine is doing). Writes OUTPUT_DIR/capture-speed-<device>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from ragsae.config import CaptureConfig, LlmConfig
 from ragsae.corpus import split_passages
 from ragsae.llm import LoadedLlm, load_llm
 from ragsae.storage import write_json_atomic, write_text_atomic
+from ragsae.trunk import LlamaTrunk
 
 
 def synchronised(llm: LoadedLlm, fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -39,29 +44,61 @@ def synchronised(llm: LoadedLlm, fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+TrunkOf = Callable[[int], "LlamaTrunk | None"]
+"""What `LoadedLlm.trunk` answers on one capture path (None: the hooked forward)."""
+
+
+@contextlib.contextmanager
+def on_path(llm: LoadedLlm, path: TrunkOf) -> Iterator[None]:
+    built = llm.trunk
+    llm.trunk = path  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        llm.trunk = built  # type: ignore[method-assign]
+
+
+def capture_paths(llm: LoadedLlm, layer: int) -> dict[str, TrunkOf]:
+    trunk = llm.trunk(layer)
+    paths: dict[str, TrunkOf] = {"trunk": lambda _layer: trunk}
+    if trunk is not None and trunk.packed:
+        unpacked = LlamaTrunk(llm.model, layer, pack=False)
+        paths["trunk-unpacked"] = lambda _layer: unpacked
+    paths["hooked"] = lambda _layer: None
+    return paths
+
+
 def measure(
-    llm: LoadedLlm, passages: list[str], queries: list[str], layers: list[int], cap: CaptureConfig
-) -> dict[str, Any]:
-    """Throughput and single-query latency of the current capture path (trunk or hooked)."""
+    llm: LoadedLlm,
+    passages: list[str],
+    queries: list[str],
+    layers: list[int],
+    cap: CaptureConfig,
+    paths: dict[str, TrunkOf],
+) -> dict[str, dict[str, Any]]:
+    """Per path: passage activations, throughput and single-query latency."""
 
     def capture_passages() -> dict:
         return capture(llm, passages, layers, cap.window, cap.batch_size, cap.passage_prefix)
 
-    capture_passages()  # warm-up
-    acts, seconds = synchronised(llm, capture_passages)
-    per_query = []
+    results = {}
+    for name, path in paths.items():
+        with on_path(llm, path):
+            capture_passages()  # warm-up
+            acts, seconds = synchronised(llm, capture_passages)
+        tokens = int(acts[layers[-1]].offsets[-1])
+        results[name] = {"acts": acts, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    per_query: dict[str, list[float]] = {}
     for _ in range(2):  # the first round warms up
-        per_query = [
-            synchronised(llm, lambda q=q: capture(llm, [q], layers[-1:], cap.window, 1, cap.query_prefix))[1]
-            for q in queries
-        ]
-    tokens = int(acts[layers[-1]].offsets[-1])
-    return {
-        "acts": acts,
-        "tokens": tokens,
-        "tokens_per_s": tokens / seconds,
-        "query_p50_ms": float(np.median(per_query) * 1e3),
-    }
+        per_query = {name: [] for name in paths}
+        for q in queries:
+            for name, path in paths.items():
+                with on_path(llm, path):
+                    one = synchronised(llm, lambda q=q: capture(llm, [q], layers[-1:], cap.window, 1, cap.query_prefix))
+                per_query[name].append(one[1])
+    for name in paths:
+        results[name]["query_p50_ms"] = float(np.median(per_query[name]) * 1e3)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model folder or hub id (default: the bundled SmolLM2 GGUF)")
     parser.add_argument("--gguf-file", help="GGUF file inside --model")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
     parser.add_argument("--layers", default="4,8", help="comma list of capture layers (default: 4,8)")
     parser.add_argument("--passages", type=int, default=640, help="passages captured (default: 640)")
     parser.add_argument("--queries", type=int, default=50, help="queries timed one by one (default: 50)")
@@ -77,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layers = sorted({int(layer) for layer in args.layers.split(",")})
 
-    llm = load_llm(LlmConfig(model=args.model, gguf_file=args.gguf_file, device=args.device))
+    llm = load_llm(LlmConfig(model=args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype))
     if llm.trunk(layers[-1]) is None:
         parser.error(f"{llm.model_id} has no trunk (not a Llama-family model): nothing to compare")
     cap = CaptureConfig()
@@ -85,19 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     passages = [p.text for p in split_passages(documents, llm.tokenizer, cap.window, cap.overlap)[: args.passages]]
     query_texts = list(queries.values())[: args.queries]
 
-    trunk = measure(llm, passages, query_texts, layers, cap)
-    built_trunk = llm.trunk
-    llm.trunk = lambda layer: None  # type: ignore[method-assign]  # forces the hooked forward
-    try:
-        hooked = measure(llm, passages, query_texts, layers, cap)
-    finally:
-        llm.trunk = built_trunk  # type: ignore[method-assign]
+    paths = capture_paths(llm, layers[-1])
+    measured = measure(llm, passages, query_texts, layers, cap, paths)
+    trunk, hooked = measured["trunk"], measured["hooked"]
 
-    agreement = {}
-    for layer in layers:
-        a = trunk["acts"][layer].values.astype(np.float32)
-        b = hooked["acts"][layer].values.astype(np.float32)
-        agreement[str(layer)] = {"equal_fraction": float((a == b).mean()), "max_abs_diff": float(np.abs(a - b).max())}
+    agreement: dict[str, dict[str, Any]] = {name: {} for name in paths if name != "hooked"}
+    for name in agreement:
+        for layer in layers:
+            a = measured[name]["acts"][layer].values.astype(np.float32)
+            b = hooked["acts"][layer].values.astype(np.float32)
+            agreement[name][str(layer)] = {
+                "equal_fraction": float((a == b).mean()),
+                "max_abs_diff": float(np.abs(a - b).max()),
+            }
     device_name = torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu"
     result = {
         "collection": Path(args.dataset).resolve().name,
@@ -111,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": trunk["tokens"],
         "queries": len(query_texts),
         "agreement": agreement,
-        "tokens_per_s": {"trunk": trunk["tokens_per_s"], "hooked": hooked["tokens_per_s"]},
-        "query_p50_ms": {"trunk": trunk["query_p50_ms"], "hooked": hooked["query_p50_ms"]},
+        "tokens_per_s": {name: measured[name]["tokens_per_s"] for name in paths},
+        "query_p50_ms": {name: measured[name]["query_p50_ms"] for name in paths},
     }
-    rows = [
-        f"| {path} | {result['tokens_per_s'][path]:,.0f} | {result['query_p50_ms'][path]:.2f} |"
-        for path in ("trunk", "hooked")
-    ]
-    equal = ", ".join(f"layer {k}: {v['equal_fraction']:.4%} equal" for k, v in agreement.items())
+    rows = [f"| {name} | {result['tokens_per_s'][name]:,.0f} | {result['query_p50_ms'][name]:.2f} |" for name in paths]
+    equal = "; ".join(
+        f"{name} vs hooked: " + ", ".join(f"layer {k} {v['equal_fraction']:.4%} equal" for k, v in per_layer.items())
+        for name, per_layer in agreement.items()
+    )
     table = "\n".join(
         [
             f"## capture on {device_name} ({result['dtype']}), {result['collection']}",

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SaeConfig, from_dict, to_dict
+from .linear import Linear
 from .storage import file_sha256, read_versioned_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -90,9 +91,9 @@ class SparseAutoencoder(nn.Module):
         self.metadata: dict[str, Any] = {}
         self.weights_sha256: str | None = None
         """SHA-256 of the weights file this SAE was last saved to or loaded from."""
-        self._low_weights: torch.Tensor | None = None
+        self._low_encoder: Linear | None = None
         self._low_key: tuple[Any, ...] | None = None
-        """W_enc converted for low-precision selection, and the (dtype, version, storage) it came from."""
+        """The encoder product for low-precision selection, and the (dtype, version, storage) of W_enc it came from."""
 
     @property
     def num_latents(self) -> int:
@@ -124,17 +125,18 @@ class SparseAutoencoder(nn.Module):
         if select_dtype == torch.float32:
             values, indices = self.pre_acts(xn).topk(self.config.k, dim=1, sorted=False)
             return TopK(values, indices)
-        low = (xn - self.b_dec).to(select_dtype) @ self._encoder_weights(select_dtype)
+        low = self._encoder_product(select_dtype)((xn - self.b_dec).to(select_dtype))
         indices = low.float().add_(self.b_enc).topk(self.config.k, dim=1, sorted=False).indices
         return TopK(self.encode_selected(xn, indices), indices)
 
-    def _encoder_weights(self, dtype: torch.dtype) -> torch.Tensor:
-        """W_enc in `dtype`, converted once per weight update (tracked by the tensor's version)."""
+    def _encoder_product(self, dtype: torch.dtype) -> Linear:
+        """x -> x @ W_enc with W_enc in `dtype` (prepacked on CPU in bfloat16: `linear.py`), made once
+        per weight update (tracked by the tensor's version)."""
         key = (dtype, self.W_enc._version, self.W_enc.data_ptr())
         if self._low_key != key:
-            self._low_weights = self.W_enc.detach().to(dtype)
+            self._low_encoder = Linear(self.W_enc.detach().to(dtype).t(), keep_weight=False)
             self._low_key = key
-        return self._low_weights
+        return self._low_encoder
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Normalised-space reconstruction from (n, k) codes, by embedding bag (no dense latents)."""

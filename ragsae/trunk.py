@@ -4,9 +4,11 @@ Capture needs the residual stream after a few blocks, not logits. On short input
 forward adds measurable overhead (module calls, mask building, keyword plumbing) to the matrix
 products: a ten-token query through layer 8 of SmolLM2-135M takes 5.0 ms on two CPU cores there,
 3.8 ms here, 0.5 ms of that from computing q/k/v and gate/up as one product each (concatenated
-copies of the weights, made while they cost under `FUSE_LIMIT_BYTES`). `LlamaTrunk` gives the same
-activations as the hooked forward, bit for bit on CPU for the models tested (tests/test_trunk.py;
-other kernels may round differently). Other architectures keep the hooked forward (`capture.py`).
+copies of the weights). In bfloat16 on CPU the weights are also kept prepacked for oneDNN
+(`linear.py`). Both copies are made while they cost under `COPY_LIMIT_BYTES`. `LlamaTrunk` gives
+the same activations as the hooked forward, bit for bit on CPU for the models tested
+(tests/test_trunk.py; other kernels may round differently). Other architectures keep the hooked
+forward (`capture.py`).
 
 Batches must be right-padded: under a causal mask, a real token never sees the padding after it,
 so no padding mask is needed (padded positions hold garbage and are dropped by the caller).
@@ -20,39 +22,42 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .linear import Linear
+
 # Architectures whose decoder block is Llama's: pre-norm RMSNorm, RoPE attention with grouped KV
 # heads and a gated SiLU MLP, residual adds. Qwen2's q/k/v biases are handled below, and Mistral's
 # sliding window changes nothing on inputs no longer than it; anything else uses the hooked forward.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-FUSE_LIMIT_BYTES = 512 * 2**20
-"""Most memory spent on concatenated copies of q/k/v and gate/up weights (SmolLM2 to layer 8:
-56 MB; 0.5 ms of a query's 4 ms saved). Deeper trunks of larger models use the weights as they are."""
+COPY_LIMIT_BYTES = 512 * 2**20
+"""Most memory spent on copies of the weights made for speed: concatenated q/k/v and gate/up
+(SmolLM2 to layer 8: 37 MB; 0.5 ms of a query's 4 ms saved) and, where `linear.prepack` applies,
+prepacked copies of all the trunk's weights (57 MB; the concatenated copies are then dropped).
+Deeper trunks of larger models use fewer copies, or the weights as they are."""
 
 
 @dataclass
 class _Projection:
     """Linear maps applied to the same input: one product of the concatenated weights, or one each."""
 
-    weights: tuple[torch.Tensor, ...]
-    biases: tuple[torch.Tensor | None, ...]
+    maps: tuple[Linear, ...]
     widths: list[int]
 
     @classmethod
-    def of(cls, linears: list[Any], fuse: bool) -> _Projection:
+    def of(cls, linears: list[Any], fuse: bool, pack: bool) -> _Projection:
         weights = [linear.weight for linear in linears]
         biases = [linear.bias for linear in linears]
         widths = [int(w.shape[0]) for w in weights]
         if not fuse:
-            return cls(tuple(weights), tuple(biases), widths)
+            return cls(tuple(Linear(w, b, pack=pack) for w, b in zip(weights, biases)), widths)
         bias = torch.cat(biases) if biases[0] is not None else None
-        return cls((torch.cat(weights),), (bias,), widths)
+        return cls((Linear(torch.cat(weights), bias, pack=pack, keep_weight=False),), widths)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if len(self.weights) == 1:
-            return list(F.linear(x, self.weights[0], self.biases[0]).split(self.widths, dim=-1))
-        return [F.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
+        if len(self.maps) == 1:
+            return list(self.maps[0](x).split(self.widths, dim=-1))
+        return [linear(x) for linear in self.maps]
 
 
 @dataclass
@@ -60,11 +65,11 @@ class _Block:
     norm1: torch.Tensor
     eps1: float
     qkv: _Projection
-    out: torch.Tensor
+    out: Linear
     norm2: torch.Tensor
     eps2: float
     gate_up: _Projection
-    down: torch.Tensor
+    down: Linear
 
 
 def trunk_unsupported_reason(model: Any) -> str | None:
@@ -86,9 +91,11 @@ def trunk_unsupported_reason(model: Any) -> str | None:
 
 
 class LlamaTrunk:
-    """Residual stream after block `layer` (0 = embeddings) of a Llama-family causal LM."""
+    """Residual stream after block `layer` (0 = embeddings) of a Llama-family causal LM.
 
-    def __init__(self, model: Any, layer: int):
+    `pack=False` keeps the weights as they are for oneDNN (for comparisons: `linear.py`)."""
+
+    def __init__(self, model: Any, layer: int, pack: bool = True):
         reason = trunk_unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LlamaTrunk does not support {type(model).__name__}: {reason}")
@@ -105,14 +112,17 @@ class LlamaTrunk:
         self.kv_heads = int(config.num_key_value_heads)
         self.scale = float(first.scaling)
         blocks = inner.layers[:layer]
-        fused_bytes = sum(
-            p.numel() * p.element_size()
-            for block in blocks
-            for linear in (*self._qkv(block), *self._gate_up(block))
-            for p in linear.parameters()
-        )
-        self.fused = fused_bytes <= FUSE_LIMIT_BYTES
-        self.blocks = [self._block(block, self.fused) for block in blocks]
+
+        def size(linears: list[Any]) -> int:
+            return sum(p.numel() * p.element_size() for linear in linears for p in linear.parameters())
+
+        fused_bytes = sum(size([*self._qkv(block), *self._gate_up(block)]) for block in blocks)
+        all_bytes = sum(size([*self._qkv(block), *self._gate_up(block), *self._single(block)]) for block in blocks)
+        self.fused = fused_bytes <= COPY_LIMIT_BYTES
+        pack = pack and all_bytes <= COPY_LIMIT_BYTES
+        self.blocks = [self._block(block, self.fused, pack) for block in blocks]
+        self.packed = bool(self.blocks) and self.blocks[0].out.packed is not None
+        """True when the products run on prepacked weights (`linear.py`)."""
         self._placement = (self.embed.device, self.embed.dtype)
 
     @staticmethod
@@ -123,17 +133,21 @@ class LlamaTrunk:
     def _gate_up(block: Any) -> list[Any]:
         return [block.mlp.gate_proj, block.mlp.up_proj]
 
+    @staticmethod
+    def _single(block: Any) -> list[Any]:
+        return [block.self_attn.o_proj, block.mlp.down_proj]
+
     @classmethod
-    def _block(cls, block: Any, fuse: bool) -> _Block:
+    def _block(cls, block: Any, fuse: bool, pack: bool) -> _Block:
         return _Block(
             norm1=block.input_layernorm.weight,
             eps1=float(block.input_layernorm.variance_epsilon),
-            qkv=_Projection.of(cls._qkv(block), fuse),
-            out=block.self_attn.o_proj.weight,
+            qkv=_Projection.of(cls._qkv(block), fuse, pack),
+            out=Linear(block.self_attn.o_proj.weight, pack=pack),
             norm2=block.post_attention_layernorm.weight,
             eps2=float(block.post_attention_layernorm.variance_epsilon),
-            gate_up=_Projection.of(cls._gate_up(block), fuse),
-            down=block.mlp.down_proj.weight,
+            gate_up=_Projection.of(cls._gate_up(block), fuse, pack),
+            down=Linear(block.mlp.down_proj.weight, pack=pack),
         )
 
     @property
@@ -183,10 +197,10 @@ class LlamaTrunk:
             attended = F.scaled_dot_product_attention(
                 q, k, v, is_causal=length > 1, scale=self.scale, enable_gqa=self.kv_heads != self.heads
             )
-            x = x + F.linear(attended.transpose(1, 2).reshape(batch, length, q_width), block.out)
+            x = x + block.out(attended.transpose(1, 2).reshape(batch, length, q_width))
             h = self._rms_norm(x, block.norm2, block.eps2)
             gate, up = block.gate_up(h)
-            x = x + F.linear(F.silu(gate) * up, block.down)
+            x = x + block.down(F.silu(gate) * up)
             if number in layers:
                 out[number] = x
         return out

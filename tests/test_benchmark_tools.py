@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import load_benchmark_script
 
 from ragsae.capture import capture, tokenize
 from ragsae.config import LlmConfig
+from ragsae.linear import prepack
 
 capture_speed = load_benchmark_script("capture_speed")
 trim_gguf = load_benchmark_script("trim_gguf")
@@ -17,12 +19,35 @@ def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collec
     args = [str(tiny_collection), "--model", str(tiny_llm_dir), "--device", "cpu", "--layers", "3,1"]
     assert capture_speed.main([*args, "--passages", "5", "--queries", "2", "--output-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "capture-speed-cpu.json").read_text())
-    assert set(result["agreement"]) == {"1", "3"} and result["passages"] == 5 and result["queries"] == 2
-    for layer in result["agreement"].values():
+    assert result["passages"] == 5 and result["queries"] == 2
+    assert "trunk" in result["agreement"] and set(result["agreement"]["trunk"]) == {"1", "3"}
+    for layer in result["agreement"]["trunk"].values():
         assert layer["equal_fraction"] > 0.99 and layer["max_abs_diff"] < 0.05
     for path in ("trunk", "hooked"):
         assert result["tokens_per_s"][path] > 0 and result["query_p50_ms"][path] > 0
     assert "| trunk |" in (tmp_path / "capture-speed-cpu.md").read_text()
+
+
+def test_capture_speed_also_times_unpacked_weights_in_bfloat16(tiny_llm_dir, tiny_collection, tmp_path):
+    if prepack(torch.randn(8, 8).bfloat16()) is None:
+        pytest.skip("this PyTorch build cannot prepack bfloat16 weights")
+    args = [
+        str(tiny_collection),
+        "--model",
+        str(tiny_llm_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "--layers",
+        "3",
+    ]
+    assert capture_speed.main([*args, "--passages", "3", "--queries", "2", "--output-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "capture-speed-cpu.json").read_text())
+    assert result["dtype"] == "bfloat16" and set(result["query_p50_ms"]) == {"trunk", "trunk-unpacked", "hooked"}
+    # the same kernels, packed or not: both paths agree with the hooked forward identically
+    assert result["agreement"]["trunk"] == result["agreement"]["trunk-unpacked"]
+    assert all(layer["equal_fraction"] > 0.99 for layer in result["agreement"]["trunk"].values())
 
 
 def test_capture_speed_refuses_a_model_without_a_trunk(monkeypatch, tiny_llm_dir, tiny_collection, tmp_path):

@@ -57,6 +57,16 @@ def test_low_precision_selection_keeps_exact_values():
     assert bool((kept > 0.98).all())
 
 
+def test_low_precision_selection_is_the_plain_product_topk():
+    """Prepacked or not, latents are chosen from (x - b_dec) @ W_enc computed in bfloat16."""
+    sae = SparseAutoencoder(small_config(num_latents=512, k=8), 32)
+    x = torch.randn(50, 32)
+    xn = sae.normalise(x)
+    low = ((xn - sae.b_dec).bfloat16() @ sae.W_enc.detach().bfloat16()).float() + sae.b_enc
+    expected = low.topk(8, dim=1).indices.sort(1).values
+    assert torch.equal(sae.encode(x, torch.bfloat16).indices.sort(1).values, expected)
+
+
 def test_low_precision_weights_follow_updates():
     sae = SparseAutoencoder(small_config(), 32)
     x = torch.randn(6, 32)

@@ -58,10 +58,25 @@ def test_unfused_weights_give_the_same_activations(monkeypatch):
     model = tiny_model("qwen2", use_sliding_window=False)
     ids = torch.randint(0, 97, (2, 7))
     fused = LlamaTrunk(model, 3)
-    monkeypatch.setattr(trunk_module, "FUSE_LIMIT_BYTES", 0)
+    monkeypatch.setattr(trunk_module, "COPY_LIMIT_BYTES", 0)
     separate = LlamaTrunk(model, 3)
     assert fused.fused and not separate.fused
     assert_close(fused(ids, [3])[3], separate(ids, [3])[3], rtol=1e-6, atol=1e-6)
+
+
+def test_prepacked_bfloat16_trunk_gives_the_same_activations(monkeypatch):
+    import ragsae.trunk as trunk_module
+
+    model = tiny_model("qwen2", use_sliding_window=False).bfloat16()
+    ids = torch.randint(0, 97, (2, 7))
+    packed = LlamaTrunk(model, 3)
+    monkeypatch.setattr(trunk_module, "COPY_LIMIT_BYTES", 0)
+    plain = LlamaTrunk(model, 3)
+    assert not plain.packed and not plain.fused
+    if not packed.packed:
+        pytest.skip("this PyTorch build cannot prepack bfloat16 weights")
+    assert torch.equal(packed(ids, [1, 3])[3], plain(ids, [1, 3])[3])
+    assert not LlamaTrunk(tiny_model("llama"), 3).packed  # float32 keeps F.linear
 
 
 def test_a_moved_model_gets_a_new_trunk():
