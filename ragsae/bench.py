@@ -459,12 +459,22 @@ def command_line() -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout the library runs from, with "+dirty" when its code (the library, the
+    benchmark scripts, pyproject.toml) differs from HEAD; results files written meanwhile do not count."""
+    folder = Path(__file__).parent
+    code = [":(top)ragsae", ":(top)benchmarks/*.py", ":(top)pyproject.toml"]
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=folder)
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=folder,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head.stdout.strip() + ("+dirty" if changes.stdout.strip() else "")
 
 
 def cpu_model() -> str:

@@ -144,6 +144,23 @@ def test_command_line_is_written_as_typed(monkeypatch):
     assert command_line() == "ragsae bench data"
 
 
+def test_git_commit_marks_changed_code(monkeypatch):
+    import subprocess
+
+    from ragsae import bench
+
+    status = {"out": ""}
+
+    def fake_run(args, **kwargs):
+        out = "a" * 40 + "\n" if args[1] == "rev-parse" else status["out"]
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert bench.git_commit() == "a" * 40
+    status["out"] = " M ragsae/retrieve.py\n"
+    assert bench.git_commit() == "a" * 40 + "+dirty"
+
+
 def test_machine_names_the_processor():
     info = machine()
     assert isinstance(info["cpu"], str) and info["cpu"] and info["cpus"] >= 1
