@@ -121,8 +121,9 @@ class LlamaTrunk:
         self.fused = fused_bytes <= COPY_LIMIT_BYTES
         pack = pack and all_bytes <= COPY_LIMIT_BYTES
         self.blocks = [self._block(block, self.fused, pack) for block in blocks]
-        self.packed = bool(self.blocks) and self.blocks[0].out.packed is not None
-        """True when the products run on prepacked weights (`linear.py`)."""
+        maps = [m for b in self.blocks for m in (*b.qkv.maps, b.out, *b.gate_up.maps, b.down)]
+        self.packed = any(m.packed is not None for m in maps)
+        """True when products run on prepacked weights (`linear.py`)."""
         self._placement = (self.embed.device, self.embed.dtype)
 
     @staticmethod
