@@ -54,7 +54,6 @@ class Linear:
         self.bias = bias
         self.packed = prepack(weight, bias) if pack else None
         self.weight = weight if keep_weight or self.packed is None else None
-        self.out_features = int(weight.shape[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:

@@ -117,13 +117,10 @@ class LlamaTrunk:
             return sum(p.numel() * p.element_size() for linear in linears for p in linear.parameters())
 
         fused_bytes = sum(size([*self._qkv(block), *self._gate_up(block)]) for block in blocks)
-        all_bytes = sum(size([*self._qkv(block), *self._gate_up(block), *self._single(block)]) for block in blocks)
+        all_bytes = fused_bytes + sum(size(self._single(block)) for block in blocks)
         self.fused = fused_bytes <= COPY_LIMIT_BYTES
         pack = pack and all_bytes <= COPY_LIMIT_BYTES
         self.blocks = [self._block(block, self.fused, pack) for block in blocks]
-        maps = [m for b in self.blocks for m in (*b.qkv.maps, b.out, *b.gate_up.maps, b.down)]
-        self.packed = any(m.packed is not None for m in maps)
-        """True when products run on prepacked weights (`linear.py`)."""
         self._placement = (self.embed.device, self.embed.dtype)
 
     @staticmethod
@@ -150,6 +147,12 @@ class LlamaTrunk:
             gate_up=_Projection.of(cls._gate_up(block), fuse, pack),
             down=Linear(block.mlp.down_proj.weight, pack=pack),
         )
+
+    @property
+    def packed(self) -> bool:
+        """True when products run on prepacked weights (`linear.py`)."""
+        maps = [m for b in self.blocks for m in (*b.qkv.maps, b.out, *b.gate_up.maps, b.down)]
+        return any(m.packed is not None for m in maps)
 
     @property
     def stale(self) -> bool:
