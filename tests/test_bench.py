@@ -56,6 +56,7 @@ def test_sweep_parsing_and_validation():
     assert apply_setting(BuildConfig(), {"max_latents": None, "feedback": 0}).scoring.feedback_passages == 0
     assert apply_setting(BuildConfig(), parse_sweep(["auxk=0.125"])[0]).sae.auxk_coef == 0.125
     assert apply_setting(BuildConfig(), parse_sweep(["seed=3"])[0]).sae.seed == 3
+    assert apply_setting(BuildConfig(), parse_sweep(["window=384"])[0]).capture.window == 384
     assert sweep_stem("cranfield", ["layer=4,8", "k=16"]) == "cranfield-sweep-layer-k"
     assert sweep_stem("cranfield", []) == "cranfield"
     with pytest.raises(ValueError, match="pooling must be one of"):
