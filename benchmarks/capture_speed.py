@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragsae.bench import command_line, git_commit, load_beir, machine
+from ragsae.bench import load_beir
 from ragsae.capture import capture
 from ragsae.config import CaptureConfig, LlmConfig
-from ragsae.corpus import split_passages
-from ragsae.llm import LoadedLlm, load_llm
+from ragsae.lm.loading import LoadedLlm, load_llm
+from ragsae.lm.trunk import LlamaTrunk
+from ragsae.provenance import command_line, git_commit, machine
 from ragsae.storage import write_json_atomic, write_text_atomic
-from ragsae.trunk import LlamaTrunk
+from ragsae.text import split_passages
 
 
 def synchronised(llm: LoadedLlm, fn: Callable[[], Any]) -> tuple[Any, float]:

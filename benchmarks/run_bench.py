@@ -6,7 +6,7 @@ python benchmarks/run_bench.py ../shared/datasets/cranfield --sweep layer=4,8 po
 
 import sys
 
-from ragsae.__main__ import main
+from ragsae.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -27,8 +27,8 @@ import numpy as np
 from ragsae.bench import load_beir
 from ragsae.capture import capture, tokenize
 from ragsae.config import CaptureConfig, LlmConfig
-from ragsae.corpus import split_passages
-from ragsae.llm import DEFAULT_GGUF_FILE, default_gguf_folder, load_llm
+from ragsae.lm.loading import DEFAULT_GGUF_FILE, default_gguf_folder, load_llm
+from ragsae.text import split_passages
 
 
 def fed_texts(dataset: str, tokenizer, cap: CaptureConfig) -> list[tuple[list[str], str]]:

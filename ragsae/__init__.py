@@ -1,34 +1,49 @@
 """ragsae: retrieval-augmented generation over sparse autoencoder codes of an LLM's activations."""
 
-__version__ = "0.1.0"
-
-from .config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig  # noqa: E402
-from .corpus import CorpusError, Document, Passage, load_documents  # noqa: E402
-from .generate import RAG, Answer  # noqa: E402
-from .index import Index, IndexFolderError  # noqa: E402
-from .llm import load_llm  # noqa: E402
-from .retrieve import Hit  # noqa: E402
-from .sae import SaeLoadError, SparseAutoencoder, TopK, train_sae  # noqa: E402
+from ._version import __version__
+from .config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig
+from .errors import (
+    ConfigError,
+    CorpusError,
+    IndexFolderError,
+    ModelError,
+    QueryError,
+    RagsaeError,
+    SaeLoadError,
+    TrainingError,
+)
+from .generate import RAG, Answer
+from .index import Hit, Index
+from .lm import load_llm
+from .sae import SparseAutoencoder, TopK, create_sae, load_sae, train_sae
+from .text import Document, Passage, load_documents
 
 __all__ = [
+    "RAG",
     "Answer",
     "BuildConfig",
     "CaptureConfig",
+    "ConfigError",
     "CorpusError",
     "Document",
     "Hit",
     "Index",
     "IndexFolderError",
     "LlmConfig",
+    "ModelError",
     "Passage",
-    "RAG",
+    "QueryError",
+    "RagsaeError",
     "SaeConfig",
     "SaeLoadError",
     "ScoringConfig",
     "SparseAutoencoder",
     "TopK",
+    "TrainingError",
     "__version__",
+    "create_sae",
     "load_documents",
     "load_llm",
+    "load_sae",
     "train_sae",
 ]

@@ -1,29 +1,90 @@
 """Frozen configuration dataclasses, one per pipeline stage.
 
-Each field's docstring is its documentation (and the CLI's help text). JSON round trips
-ignore unknown keys so that newer files load in older code and vice versa.
+Each field's docstring is its documentation and the CLI's help text (`field_docs`). Fields that take
+one of a fixed set of values are typed `Literal`, and the set is checked in `__post_init__`. JSON
+round trips ignore unknown keys so that newer files load in older code and vice versa.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import math
+import textwrap
+import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from .stopwords import STOPWORD_LISTS
+from .errors import ConfigError
 
 T = TypeVar("T")
 
-SAE_ARCHITECTURES = ("topk", "relu", "kl")
-POOLINGS = ("max", "sum", "log", "count")
-SEARCH_MODES = ("sparse", "faiss", "fused")
-FEEDBACK_WEIGHTINGS = ("rank", "uniform")
+SaeArchitecture = Literal["topk", "relu", "kl"]
+Pooling = Literal["max", "sum", "log", "count"]
+SearchMode = Literal["sparse", "faiss", "fused"]
+FeedbackWeighting = Literal["rank", "uniform"]
+StopwordList = Literal["english", "none"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+SAE_ARCHITECTURES: tuple[str, ...] = typing.get_args(SaeArchitecture)
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
+SEARCH_MODES: tuple[str, ...] = typing.get_args(SearchMode)
+FEEDBACK_WEIGHTINGS: tuple[str, ...] = typing.get_args(FeedbackWeighting)
+STOPWORD_LIST_NAMES: tuple[str, ...] = typing.get_args(StopwordList)
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass, read from its source: field name -> text."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for statement, following in zip(body, body[1:]):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def field_choices(cls: type, name: str) -> tuple[Any, ...] | None:
+    """The values a `Literal`-typed field takes, or None for other fields."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def check_choice(owner: Any, name: str) -> None:
+    """ConfigError unless `owner.name` is one of its `Literal` type's values."""
+    choices = field_choices(type(owner), name)
+    value = getattr(owner, name)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_numbers(owner: Any) -> None:
+    """ConfigError for a float field that is NaN or infinite (no range check catches those)."""
+    for f in dataclasses.fields(owner):
+        value = getattr(owner, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build a config dataclass from a dict, ignoring keys the class does not know."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in data.items() if k in names})
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as error:  # a value of the wrong type compared or combined in __post_init__
+        raise ConfigError(f"{cls.__name__}: {error}") from None
 
 
 def optional_int(text: str) -> int | None:
@@ -45,12 +106,11 @@ class LlmConfig:
     """GGUF file name inside `model`'s folder, for quantised checkpoints."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """'auto' (bfloat16 on CUDA and on CPUs with native bfloat16, else float32), 'float32', 'bfloat16' or 'float16'."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype: unknown value {self.dtype!r}")
+        check_choice(self, "dtype")
 
 
 @dataclass(frozen=True)
@@ -66,30 +126,29 @@ class CaptureConfig:
     batch_size: int = 16
     """Passages per forward pass (sorted by length to limit padding)."""
     query_prefix: str = "Question: "
-    """Text fed before every query and left out of its codes; measured in benchmarks/."""
+    """Text fed before every query and left out of its codes (chosen in benchmarks/README.md)."""
     passage_prefix: str = "Document: "
-    """Text fed before every passage and left out of its codes; measured in benchmarks/."""
-    query_stopwords: str = "english"
+    """Text fed before every passage and left out of its codes (chosen in benchmarks/README.md)."""
+    query_stopwords: StopwordList = "english"
     """Function words fed with a query but left out of its codes: 'english' or 'none'."""
 
     def __post_init__(self) -> None:
-        if self.query_stopwords not in STOPWORD_LISTS:
-            raise ValueError(f"query_stopwords must be one of {tuple(STOPWORD_LISTS)}, got {self.query_stopwords!r}")
+        check_choice(self, "query_stopwords")
         if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+            raise ConfigError(f"layer must be >= 0, got {self.layer}")
         if self.window < 8:
-            raise ValueError(f"window must be >= 8 tokens, got {self.window}")
+            raise ConfigError(f"window must be >= 8 tokens, got {self.window}")
         if not 0 <= self.overlap < self.window // 2 + 1:
-            raise ValueError(f"overlap must be in [0, window/2], got {self.overlap}")
+            raise ConfigError(f"overlap must be in [0, window/2], got {self.overlap}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
 class SaeConfig:
     """Sparse autoencoder architecture and training."""
 
-    architecture: str = "topk"
+    architecture: SaeArchitecture = "topk"
     """'topk' (TopK activation, Gao et al. 2024), 'relu' (ReLU + L1) or 'kl' (ReLU + KL target)."""
     num_latents: int = 8192
     """Dictionary size."""
@@ -108,7 +167,7 @@ class SaeConfig:
     dead_after_tokens: int = 100_000
     """A latent that has not fired for this many training tokens counts as dead."""
     epochs: int = 6
-    """Passes over the training activations (6 retrieved better than 3; measured in benchmarks/)."""
+    """Passes over the training activations (6 retrieved better than 3: benchmarks/README.md)."""
     batch_size: int = 1024
     """Tokens per optimisation step."""
     lr: float = 1e-3
@@ -121,23 +180,23 @@ class SaeConfig:
     """Seed for initialisation and shuffling."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in SAE_ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {SAE_ARCHITECTURES}, got {self.architecture!r}")
+        check_choice(self, "architecture")
+        check_numbers(self)
         if self.num_latents < 1 or not 0 < self.k <= self.num_latents:
-            raise ValueError(f"need 0 < k <= num_latents, got k={self.k}, num_latents={self.num_latents}")
+            raise ConfigError(f"need 0 < k <= num_latents, got k={self.k}, num_latents={self.num_latents}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+            raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not 0 < self.kl_target < 1:
-            raise ValueError(f"kl_target must be in (0, 1), got {self.kl_target}")
+            raise ConfigError(f"kl_target must be in (0, 1), got {self.kl_target}")
 
 
 @dataclass(frozen=True)
 class ScoringConfig:
     """How pooled codes are weighted and matched."""
 
-    pooling: str = "sum"
+    pooling: Pooling = "sum"
     """Token codes to passage code: 'sum', 'max', 'log' (log1p of sum) or 'count' (tokens firing)."""
-    mode: str = "sparse"
+    mode: SearchMode = "sparse"
     """'sparse' (exact BM25-style scoring over latents), 'faiss' (dense decoder-space vectors) or 'fused'."""
     k1: float = 1.2
     """BM25 saturation of a latent's passage weight."""
@@ -145,16 +204,16 @@ class ScoringConfig:
     """BM25 length normalisation (length = passage tokens)."""
     max_latents: int | None = 256
     """Keep only each passage's strongest latents by BM25 weight (None keeps all): a smaller index
-    and faster queries; 256 costs no measurable quality with feedback on (benchmarks/)."""
+    and faster queries; 256 costs no measurable quality with feedback on (benchmarks/README.md)."""
     fusion_weight: float = 0.5
     """Weight of the sparse run in reciprocal-rank fusion ('fused')."""
     feedback_passages: int = 10
     """Pseudo-relevance feedback for sparse scoring: the query's latents are joined by those of its
-    best passages in a first search, then searched again (0 turns it off). Measured in benchmarks/."""
+    best passages in a first search, then searched again (0 turns it off; benchmarks/README.md)."""
     feedback_weight: float = 1.0
     """Weight of the feedback latents (mean of the passages' unit BM25 weight vectors) against the
     unit query vector."""
-    feedback_weighting: str = "rank"
+    feedback_weighting: FeedbackWeighting = "rank"
     """How the feedback passages are averaged: 'rank' (the passage at rank r weighs 1/r) or 'uniform'."""
     feedback_latents: int = 100
     """Feedback latents kept per query, the strongest by feedback weight."""
@@ -162,19 +221,19 @@ class ScoringConfig:
     """Latents reported per hit as the strongest contributors."""
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.mode not in SEARCH_MODES:
-            raise ValueError(f"mode must be one of {SEARCH_MODES}, got {self.mode!r}")
+        for name in ("pooling", "mode", "feedback_weighting"):
+            check_choice(self, name)
+        check_numbers(self)
         if self.max_latents is not None and self.max_latents < 1:
-            raise ValueError(f"max_latents must be >= 1 or None, got {self.max_latents}")
+            raise ConfigError(f"max_latents must be >= 1 or None, got {self.max_latents}")
         if not 0 <= self.fusion_weight <= 1:
-            raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
-        if self.feedback_weighting not in FEEDBACK_WEIGHTINGS:
-            choices = FEEDBACK_WEIGHTINGS
-            raise ValueError(f"feedback_weighting must be one of {choices}, got {self.feedback_weighting!r}")
+            raise ConfigError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        if self.k1 < 0 or not 0 <= self.b <= 1:
+            raise ConfigError(f"need k1 >= 0 and b in [0, 1], got k1={self.k1}, b={self.b}")
+        if self.explain_top < 0:
+            raise ConfigError(f"explain_top must be >= 0, got {self.explain_top}")
         if self.feedback_passages < 0 or self.feedback_latents < 1 or self.feedback_weight < 0:
-            raise ValueError(
+            raise ConfigError(
                 "need feedback_passages >= 0, feedback_latents >= 1 and feedback_weight >= 0, got "
                 f"{self.feedback_passages}, {self.feedback_latents}, {self.feedback_weight}"
             )
@@ -185,12 +244,19 @@ class BuildConfig:
     """Everything `Index.build` needs, grouped per stage."""
 
     llm: LlmConfig = field(default_factory=LlmConfig)
+    """Which LLM reads passages and queries."""
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    """How texts become activations."""
     sae: SaeConfig = field(default_factory=SaeConfig)
+    """The sparse autoencoder that turns activations into codes."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    """How codes are weighted and matched."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        """The config of a manifest's `config` object (unknown keys ignored)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"build config: expected a JSON object, got {type(data).__name__}")
         return cls(
             llm=from_dict(LlmConfig, data.get("llm", {})),
             capture=from_dict(CaptureConfig, data.get("capture", {})),

@@ -6,7 +6,7 @@ import importlib
 import inspect
 import logging
 
-from .corpus import Document
+from .text import Document
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Texts to pooled sparse codes: capture, SAE encoding per token, pooling per passage."""
+"""Texts to pooled sparse codes (capture, SAE encoding per token, pooling per text), and the one way
+an SAE is trained on a corpus's passages, so that it is trained on the activations it will encode."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .capture import ActivationCache, TokenActivations, capture_cached
-from .config import CaptureConfig
-from .corpus import fingerprint
-from .llm import LoadedLlm
-from .sae import SparseAutoencoder
-from .stopwords import STOPWORD_LISTS
+from .capture import ActivationCache, TokenActivations, capture, capture_cached
+from .config import CaptureConfig, SaeConfig
+from .errors import SaeLoadError
+from .lm import LoadedLlm
+from .sae import SparseAutoencoder, TrainReport, train_sae
+from .text import STOPWORD_LISTS, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class PooledCodes:
 
 def selection_dtype(llm: LoadedLlm) -> torch.dtype:
     """Precision at which the SAE chooses its latents: the LLM's own (bfloat16 where that runs
-    natively: `resolve_dtype` in llm.py), whose activations carry no more than that; values stay float32."""
+    natively: `resolve_dtype` in lm/loading.py), whose activations carry no more than that; values stay float32."""
     return llm.dtype if llm.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
@@ -80,6 +81,71 @@ def pool(values: np.ndarray, indices: np.ndarray, offsets: np.ndarray, num_laten
     return matrix
 
 
+def passage_activations(
+    llm: LoadedLlm,
+    texts: list[str],
+    capture: CaptureConfig,
+    cache: ActivationCache | None = None,
+    progress: bool = False,
+    refresh: bool = False,
+) -> TokenActivations:
+    """Activations of passages at the capture layer: the passage prefix is fed to the LLM but left out.
+
+    The one capture of passages, for building an index and for training its SAE alike."""
+    return capture_cached(
+        llm,
+        texts,
+        [capture.layer],
+        fingerprint(texts),
+        cache,
+        capture.window,
+        capture.batch_size,
+        capture.passage_prefix,
+        progress,
+        refresh=refresh,
+    )[capture.layer]
+
+
+def fit_sae(
+    llm: LoadedLlm,
+    texts: list[str],
+    acts: TokenActivations,
+    capture: CaptureConfig,
+    config: SaeConfig,
+    progress: bool = False,
+) -> tuple[SparseAutoencoder, TrainReport]:
+    """Train an SAE on passage activations (from `passage_activations` of `texts`) and record in its
+    metadata what it was trained on, so that a later build can refuse activations unlike them."""
+    sae, report = train_sae(acts.values, config, llm.device, progress)
+    sae.metadata.update(
+        llm_id=llm.model_id,
+        llm_hash=llm.model_hash,
+        llm_dtype=llm.dtype_name,
+        layer=capture.layer,
+        window=capture.window,
+        passage_prefix=capture.passage_prefix,
+        train_fingerprint=fingerprint(texts),
+        train_passages=len(texts),
+    )
+    return sae, report
+
+
+def check_sae_matches(sae: SparseAutoencoder, llm: LoadedLlm, capture: CaptureConfig, source: str) -> None:
+    """SaeLoadError for an SAE trained on another LLM, layer, width, passage window or passage prefix
+    than `capture` feeds it (checked where its metadata records them)."""
+    if sae.d_model != llm.d_model:
+        raise SaeLoadError(f"SAE {source}: d_model {sae.d_model} but {llm.model_id} has hidden size {llm.d_model}")
+    meta = sae.metadata
+    if meta.get("llm_hash") not in (None, llm.model_hash):
+        raise SaeLoadError(
+            f"SAE {source} was trained on {meta.get('llm_id')} (hash {str(meta.get('llm_hash'))[:12]}), "
+            f"not on {llm.model_id} (hash {llm.model_hash[:12]})"
+        )
+    for key, used in (("layer", capture.layer), ("window", capture.window), ("passage_prefix", capture.passage_prefix)):
+        if key in meta and meta[key] != used:
+            raise SaeLoadError(f"SAE {source} was trained on {key} {meta[key]!r}, the index uses {key} {used!r}")
+
+
 class CodeEncoder:
     """LLM + SAE + pooling: the one path by which documents and queries become codes."""
 
@@ -97,23 +163,6 @@ class CodeEncoder:
         self.pooling = pooling
         self.cache = cache
 
-    def activations(
-        self, texts: list[str], prefix: str = "", progress: bool = False, stopwords: frozenset[str] = frozenset()
-    ) -> TokenActivations:
-        cfg = self.capture
-        return capture_cached(
-            self.llm,
-            texts,
-            [cfg.layer],
-            fingerprint(texts),
-            self.cache,
-            cfg.window,
-            cfg.batch_size,
-            prefix,
-            progress,
-            stopwords,
-        )[cfg.layer]
-
     def pool_activations(self, acts: TokenActivations, progress: bool = False) -> PooledCodes:
         chunks = []
         # Encode in slices of texts so memory stays bounded on large corpora.
@@ -125,16 +174,15 @@ class CodeEncoder:
         codes = chunks[0] if len(chunks) == 1 else sp.vstack(chunks, format="csr")
         return PooledCodes(codes, acts.lengths().astype(np.float32))
 
-    def passage_activations(self, texts: list[str], progress: bool = False) -> TokenActivations:
-        """Activations of passages: the passage prefix is fed to the LLM but left out."""
-        return self.activations(texts, self.capture.passage_prefix, progress)
-
     def encode_documents(self, texts: list[str], progress: bool = False) -> PooledCodes:
         """Pooled codes of passages."""
-        return self.pool_activations(self.passage_activations(texts, progress), progress)
+        acts = passage_activations(self.llm, texts, self.capture, self.cache, progress)
+        return self.pool_activations(acts, progress)
 
     def encode_queries(self, texts: list[str], progress: bool = False) -> PooledCodes:
-        """Pooled codes of queries: the prefix and stopwords are fed to the LLM but left out of the codes."""
+        """Pooled codes of queries: the prefix and stopwords are fed to the LLM but left out of the codes.
+        Never cached: queries are few and each is new."""
         cfg = self.capture
-        acts = self.activations(texts, cfg.query_prefix, progress, STOPWORD_LISTS[cfg.query_stopwords])
-        return self.pool_activations(acts, progress)
+        stopwords = STOPWORD_LISTS[cfg.query_stopwords]
+        acts = capture(self.llm, texts, [cfg.layer], cfg.window, cfg.batch_size, cfg.query_prefix, progress, stopwords)
+        return self.pool_activations(acts[cfg.layer], progress)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .retrieve import Hit
-
-if TYPE_CHECKING:
-    from .index import Index
+from .errors import QueryError
+from .index import Hit, Index
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +103,7 @@ class RAG:
         lead_with_citation: bool = True,
     ):
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise QueryError(f"k must be >= 1, got {k}")
         self.index = index
         self.k = k
         self.max_new_tokens = max_new_tokens
@@ -115,8 +113,8 @@ class RAG:
     @torch.inference_mode()
     def ask(self, question: str) -> Answer:
         """Answer `question` from the top-k passages, citing them as [1], [2], ..."""
-        if not question.strip():
-            raise ValueError("question is empty")
+        if not isinstance(question, str) or not question.strip():
+            raise QueryError(f"question must be a non-empty string, got {question!r}")
         hits = self.index.search(question, self.k)
         prompt = build_prompt(question, hits, self.index.llm.tokenizer, self.max_passage_tokens)
         lead = self._citation_lead(prompt, len(hits)) if self.lead_with_citation and hits else ""

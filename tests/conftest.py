@@ -39,7 +39,7 @@ def seed_everything():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from ragsae.llm import DEFAULT_GGUF_FILE, default_gguf_folder
+    from ragsae.lm.loading import DEFAULT_GGUF_FILE, default_gguf_folder
 
     return AutoTokenizer.from_pretrained(str(default_gguf_folder()), gguf_file=DEFAULT_GGUF_FILE)
 
@@ -71,7 +71,7 @@ def tiny_llm_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_llm_dir):
     from ragsae.config import LlmConfig
-    from ragsae.llm import load_llm
+    from ragsae.lm.loading import load_llm
 
     # float32 pinned: these tests compare activations and codes exactly, whatever the CPU's bfloat16 support.
     return load_llm(LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32"))
@@ -128,9 +128,9 @@ def tiny_collection(tmp_path):
     return msmarco_slice(tmp_path / "tiny", 3, 30, 12)
 
 
-def load_benchmark_script(name: str):
-    """benchmarks/NAME.py imported as module NAME (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+def load_benchmark_script(name: str, folder: str = "benchmarks"):
+    """FOLDER/NAME.py (benchmarks/ or research/) imported as module NAME (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

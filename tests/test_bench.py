@@ -6,16 +6,15 @@ import pytest
 from ragsae.bench import (
     BenchConfig,
     apply_setting,
-    command_line,
     evaluate,
     load_beir,
-    machine,
     parse_sweep,
     run_benchmark,
     sweep_stem,
     to_document_run,
 )
 from ragsae.config import BuildConfig
+from ragsae.provenance import command_line, machine
 
 
 def test_evaluate_matches_hand_computed_values():
@@ -148,7 +147,7 @@ def test_command_line_is_written_as_typed(monkeypatch):
 def test_git_commit_marks_changed_code(monkeypatch):
     import subprocess
 
-    from ragsae import bench
+    from ragsae import provenance
 
     status = {"out": ""}
 
@@ -157,9 +156,9 @@ def test_git_commit_marks_changed_code(monkeypatch):
         return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    assert bench.git_commit() == "a" * 40
+    assert provenance.git_commit() == "a" * 40
     status["out"] = " M ragsae/retrieve.py\n"
-    assert bench.git_commit() == "a" * 40 + "+dirty"
+    assert provenance.git_commit() == "a" * 40 + "+dirty"
 
 
 def test_machine_names_the_processor():

@@ -9,7 +9,7 @@ from conftest import load_benchmark_script
 
 from ragsae.capture import capture, tokenize
 from ragsae.config import LlmConfig
-from ragsae.linear import prepack
+from ragsae.lm.linear import prepack
 
 capture_speed = load_benchmark_script("capture_speed")
 trim_gguf = load_benchmark_script("trim_gguf")
@@ -51,7 +51,7 @@ def test_capture_speed_also_times_unpacked_weights_in_bfloat16(tiny_llm_dir, tin
 
 
 def test_capture_speed_refuses_a_model_without_a_trunk(monkeypatch, tiny_llm_dir, tiny_collection, tmp_path):
-    monkeypatch.setattr("ragsae.llm.LoadedLlm.trunk", lambda self, layer: None)
+    monkeypatch.setattr("ragsae.lm.loading.LoadedLlm.trunk", lambda self, layer: None)
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         capture_speed.main([str(tiny_collection), "--model", str(tiny_llm_dir), "--output-dir", str(out)])
@@ -62,7 +62,7 @@ def test_capture_speed_refuses_a_model_without_a_trunk(monkeypatch, tiny_llm_dir
 def test_trimmed_gguf_keeps_activations_and_only_the_kept_tokens(tmp_path):
     """The bundled GGUF cut to 2 blocks and one sentence's tokens: layer-1 activations of that
     sentence equal the full model's; other tokens' embeddings are zero."""
-    from ragsae.llm import DEFAULT_GGUF_FILE, default_gguf_folder, load_llm
+    from ragsae.lm.loading import DEFAULT_GGUF_FILE, default_gguf_folder, load_llm
 
     full = load_llm(LlmConfig(device="cpu"))
     text = ["Sparse autoencoders read the residual stream."]

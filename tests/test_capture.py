@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ragsae.capture import ActivationCache, capture, capture_cached
+from ragsae.capture import ActivationCache, activations_id, capture, capture_cached
 
 TEXTS = ["short text", "a somewhat longer piece of text with more tokens in it", "mid length text here"]
 
@@ -61,12 +61,12 @@ def test_cache_round_trip(tiny_llm, tmp_path):
     assert isinstance(again.values, np.memmap)
     np.testing.assert_array_equal(first.values, again.values)
     np.testing.assert_array_equal(first.offsets, again.offsets)
-    timing = cache.timing(cache.key(tiny_llm.activation_key, 1, 256, "", "fp"))
+    timing = cache.timing(cache.entry(activations_id(tiny_llm, 1, 256, "", "fp")))
     assert timing["seconds"] > 0 and timing["device"] == "cpu" and timing["layers"] == [1]
 
 
 def test_cache_refresh_captures_again(tiny_llm, tmp_path, monkeypatch):
-    import ragsae.capture as capture_module
+    import ragsae.capture.cache as capture_module
 
     cache = ActivationCache(tmp_path)
     capture_cached(tiny_llm, TEXTS, [1], "fp", cache)
@@ -88,7 +88,7 @@ def test_prefix_shapes_activations_but_adds_no_tokens(tiny_llm):
 
 def test_content_mask_drops_whole_stopwords_only():
     from ragsae.capture import content_mask
-    from ragsae.stopwords import ENGLISH
+    from ragsae.text.stopwords import ENGLISH
 
     text = "What is the axon terminal"
     spans = [(0, 4), (4, 7), (7, 11), (11, 14), (14, 16), (16, 25)]  # "What"," is"," the"," ax","on"," terminal"
@@ -97,7 +97,7 @@ def test_content_mask_drops_whole_stopwords_only():
 
 
 def test_stopwords_are_fed_but_not_captured(tiny_llm):
-    from ragsae.stopwords import ENGLISH
+    from ragsae.text.stopwords import ENGLISH
 
     text = "what is the capital of France"
     full = capture(tiny_llm, [text], [2], prefix="Question: ")[2]

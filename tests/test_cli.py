@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ragsae.__main__ import main, make_parser
+from ragsae.cli import main, make_parser
 
 
 @pytest.mark.parametrize("command", ["build", "search", "ask", "info", "train", "demo"])
@@ -38,7 +38,7 @@ def test_build_search_info_on_tiny_model(tiny_llm_dir, tmp_path, capsys):
         "1",
         "--num-latents",
         "64",
-        "-k",
+        "--sae-k",
         "4",
         "--epochs",
         "1",

@@ -2,15 +2,9 @@ import json
 
 import pytest
 
-from ragsae.corpus import (
-    CorpusError,
-    Document,
-    fingerprint,
-    load_documents,
-    read_qrels,
-    read_queries,
-    split_passages,
-)
+from ragsae.bench.beir import read_qrels, read_queries
+from ragsae.errors import CorpusError
+from ragsae.text import Document, fingerprint, load_documents, split_passages
 
 
 def write_jsonl(path, records):

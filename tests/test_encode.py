@@ -3,8 +3,8 @@ import torch
 
 from ragsae.config import SaeConfig
 from ragsae.encode import encode_tokens, selection_dtype
-from ragsae.llm import LoadedLlm
-from ragsae.sae import SparseAutoencoder
+from ragsae.lm.loading import LoadedLlm
+from ragsae.sae import create_sae
 
 
 def test_latents_are_selected_at_the_llms_precision():
@@ -17,7 +17,7 @@ def test_latents_are_selected_at_the_llms_precision():
 
 
 def test_encode_tokens_batches_like_one_call():
-    sae = SparseAutoencoder(SaeConfig(num_latents=256, k=8), 16)
+    sae = create_sae(SaeConfig(num_latents=256, k=8), 16)
     x = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float16)
     for dtype in (torch.float32, torch.bfloat16):
         values, indices = encode_tokens(sae, x, batch_size=7, select_dtype=dtype)

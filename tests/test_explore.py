@@ -11,7 +11,7 @@ from ragsae.capture import TokenActivations
 from ragsae.config import SaeConfig, ScoringConfig
 from ragsae.sae import train_sae
 
-explore = load_benchmark_script("explore")
+explore = load_benchmark_script("explore", "research")
 
 
 def test_settings_parse_and_refuse_bad_input():
@@ -62,7 +62,7 @@ def test_contrastive_objective_learns_to_pair_pseudo_queries_with_their_passages
     optimiser = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for _ in range(30):
         ce, fvu, _ = loss_and_accuracy()
-        explore.optimiser_step(sae, optimiser, fvu + ce)
+        explore.optimiser_step(sae, optimiser, fvu + ce, sae.config.grad_clip)
     ce_after, fvu_after, acc_after = loss_and_accuracy()
     assert ce_after < 0.7 * ce_before and acc_after > acc_before + 0.3
     assert fvu_after < fvu_before + 0.1  # the reconstruction term keeps the codes faithful
@@ -76,7 +76,7 @@ def test_shared_sae_study_scores_own_other_and_shared_saes(tiny_build_config, ti
     from conftest import msmarco_slice
 
     from ragsae.bench import load_beir
-    from ragsae.corpus import split_passages
+    from ragsae.text import split_passages
 
     first, second = msmarco_slice(tmp_path / "a", 3, 30, 12), msmarco_slice(tmp_path / "b", 2, 10, 40)
     documents, queries, qrels = load_beir(first)

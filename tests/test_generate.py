@@ -1,8 +1,7 @@
 from conftest import TOY_DOCS
 
 from ragsae.generate import RAG, build_prompt, parse_citations
-from ragsae.index import Index
-from ragsae.retrieve import Hit
+from ragsae.index import Hit, Index
 
 
 def test_prompt_numbers_and_delimits_passages(tokenizer):

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 from conftest import TOY_DOCS
 
+from ragsae.capture import capture
 from ragsae.config import BuildConfig, CaptureConfig, to_dict
-from ragsae.index import Index, IndexFolderError
+from ragsae.encode import passage_activations
+from ragsae.errors import IndexFolderError, SaeLoadError
+from ragsae.index import Index
 
 
 @pytest.fixture
@@ -68,7 +71,7 @@ def test_reuse_sae_and_refuse_mismatch(built, tiny_build_config, tiny_llm, tmp_p
         tiny_build_config.sae,
         tiny_build_config.scoring,
     )
-    with pytest.raises(IndexFolderError, match="trained on layer 2, the index uses layer 3"):
+    with pytest.raises(SaeLoadError, match="trained on layer 2, the index uses layer 3"):
         Index.build(TOY_DOCS, None, other_layer, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
 
 
@@ -136,8 +139,9 @@ def test_pruned_index_saves_and_reloads_pruned_codes(tiny_build_config, tiny_llm
 def test_passage_prefix_is_read_but_not_coded(built):
     encoder, text = built.encoder, TOY_DOCS[0]["title"] + "\n" + TOY_DOCS[0]["text"]
     assert encoder.capture.passage_prefix == "Document: "
-    with_prefix = encoder.passage_activations([text])
-    without = encoder.activations([text], "")
+    with_prefix = passage_activations(encoder.llm, [text], encoder.capture)
+    layer = encoder.capture.layer
+    without = capture(encoder.llm, [text], [layer], encoder.capture.window)[layer]
     assert len(with_prefix.values) == len(without.values)  # the prefix adds no token rows
     assert not np.allclose(with_prefix.values, without.values)  # but it changes what the text's tokens carry
     np.testing.assert_allclose(

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ragsae.linear as linear_module
-from ragsae.linear import Linear, prepack
+import ragsae.lm.linear as linear_module
+from ragsae.lm.linear import Linear, prepack
 
 needs_packing = pytest.mark.skipif(
     prepack(torch.randn(8, 8).bfloat16()) is None, reason="this PyTorch build cannot prepack bfloat16 weights"

@@ -1,8 +1,8 @@
 import torch
 
-from ragsae import llm as llm_module
-from ragsae.capture import ActivationCache
-from ragsae.llm import LoadedLlm, resolve_dtype
+from ragsae.capture import ActivationCache, activations_id
+from ragsae.lm import loading as llm_module
+from ragsae.lm.loading import LoadedLlm, resolve_dtype
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
@@ -20,4 +20,4 @@ def test_activation_cache_tells_dtypes_apart(tmp_path):
     bf16 = LoadedLlm(None, None, "m", "abc", torch.device("cpu"), torch.bfloat16)
     assert fp32.activation_key == "abc|float32" and bf16.activation_key == "abc|bfloat16"
     cache = ActivationCache(tmp_path)
-    assert cache.key(fp32.activation_key, 8, 256, "", "t") != cache.key(bf16.activation_key, 8, 256, "", "t")
+    assert cache.entry(activations_id(fp32, 8, 256, "", "t")) != cache.entry(activations_id(bf16, 8, 256, "", "t"))

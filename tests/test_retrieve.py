@@ -4,8 +4,8 @@ import scipy.sparse as sp
 
 from ragsae.config import ScoringConfig
 from ragsae.encode import pool
-from ragsae.retrieve import (
-    FaissSearcher,
+from ragsae.retrieval import (
+    FaissBackend,
     Retriever,
     bm25_document_weights,
     decoder_vectors,
@@ -76,12 +76,12 @@ def test_faiss_matches_numpy_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(50, 16)).astype(np.float32)
     queries = rng.normal(size=(3, 16)).astype(np.float32)
-    searcher = FaissSearcher.build(vectors, use_gpu=False)
+    searcher = FaissBackend.build(vectors, use_gpu=False)
     scores, ids = searcher.search(queries, 5)
     expected = np.argsort(-(queries @ vectors.T), axis=1)[:, :5]
     assert (ids == expected).all()
-    searcher.save(str(tmp_path / "f.index"))
-    again = FaissSearcher.load(str(tmp_path / "f.index"), use_gpu=False)
+    assert searcher.save(tmp_path) == ["faiss.index"]
+    again = FaissBackend.load(tmp_path, use_gpu=False)
     assert (again.search(queries, 5)[1] == ids).all()
 
 
@@ -89,15 +89,18 @@ def test_quantized_faiss_keeps_the_ranking_and_a_quarter_of_the_bytes(tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(200, 64)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    exact = FaissSearcher.build(vectors, use_gpu=False)
-    small = FaissSearcher.build(vectors, use_gpu=False, quantized=True)
+    exact = FaissBackend.build(vectors, use_gpu=False)
+    small = FaissBackend.build(vectors, use_gpu=False, quantized=True)
     _, exact_ids = exact.search(vectors[:10], 5)
     _, small_ids = small.search(vectors[:10], 5)
     assert (small_ids[:, 0] == np.arange(10)).all()  # each vector still finds itself first
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact_ids, small_ids)]) >= 0.8
-    exact.save(str(tmp_path / "exact.index"))
-    small.save(str(tmp_path / "small.index"))
-    assert (tmp_path / "small.index").stat().st_size < 0.3 * (tmp_path / "exact.index").stat().st_size
+    for name, searcher in (("exact", exact), ("small", small)):
+        (tmp_path / name).mkdir()
+        searcher.save(tmp_path / name)
+    assert (tmp_path / "small" / "faiss.index").stat().st_size < 0.3 * (
+        tmp_path / "exact" / "faiss.index"
+    ).stat().st_size
 
 
 @pytest.fixture
@@ -105,10 +108,10 @@ def fake_gpu_faiss(monkeypatch):
     """faiss-cpu dressed as a GPU build: `index_cpu_to_gpu` records what it is given and returns it."""
     import faiss
 
-    import ragsae.retrieve as retrieve
+    import ragsae.retrieval.backends.faiss as faiss_backend
 
     moved = []
-    monkeypatch.setattr(retrieve, "_gpu_resources", None)
+    monkeypatch.setattr(faiss_backend, "_gpu_resources", None)
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
 
@@ -126,20 +129,21 @@ def test_quantized_faiss_is_searched_on_the_gpu_as_float16_and_saved_as_8_bit(fa
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(300, 32)).astype(np.float32)
-    cpu = FaissSearcher.build(vectors, use_gpu=False, quantized=True)
-    gpu = FaissSearcher.build(vectors, quantized=True)
+    cpu = FaissBackend.build(vectors, use_gpu=False, quantized=True)
+    gpu = FaissBackend.build(vectors, quantized=True)
     assert gpu.on_gpu and not cpu.on_gpu and len(fake_gpu_faiss) == 1
     moved = fake_gpu_faiss[0]  # FAISS has no flat 8-bit index on the GPU: float16 vectors go instead
     assert isinstance(moved, faiss.IndexScalarQuantizer) and moved.sq.qtype == faiss.ScalarQuantizer.QT_fp16
     decoded = gpu.index.reconstruct_n(0, 300)
     np.testing.assert_allclose(moved.reconstruct_n(0, 300), decoded, rtol=2**-10, atol=1e-6)
     assert (gpu.search(vectors[:20], 10)[1] == cpu.search(vectors[:20], 10)[1]).mean() > 0.95
-    gpu.save(str(tmp_path / "gpu.index"))
-    cpu.save(str(tmp_path / "cpu.index"))
-    assert (tmp_path / "gpu.index").read_bytes() == (tmp_path / "cpu.index").read_bytes()
-    loaded = FaissSearcher.load(str(tmp_path / "gpu.index"))  # a loaded index takes the same way
+    for name, searcher in (("gpu", gpu), ("cpu", cpu)):
+        (tmp_path / name).mkdir()
+        searcher.save(tmp_path / name)
+    assert (tmp_path / "gpu" / "faiss.index").read_bytes() == (tmp_path / "cpu" / "faiss.index").read_bytes()
+    loaded = FaissBackend.load(tmp_path / "gpu")  # a loaded index takes the same way
     assert loaded.on_gpu and fake_gpu_faiss[-1].sq.qtype == faiss.ScalarQuantizer.QT_fp16
-    flat = FaissSearcher.build(vectors)  # float32 flat indexes go to the GPU as they are
+    flat = FaissBackend.build(vectors)  # float32 flat indexes go to the GPU as they are
     assert fake_gpu_faiss[-1] is flat.index
 
 
@@ -150,7 +154,7 @@ def test_faiss_stays_on_the_cpu_when_the_gpu_refuses_the_index(fake_gpu_faiss, m
         raise RuntimeError("This index type is not implemented on GPU.")
 
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", refuse)
-    searcher = FaissSearcher.build(np.eye(4, dtype=np.float32))
+    searcher = FaissBackend.build(np.eye(4, dtype=np.float32))
     assert not searcher.on_gpu and searcher.search(np.eye(4, dtype=np.float32), 1)[1].ravel().tolist() == [0, 1, 2, 3]
     assert "searching on the CPU" in caplog.text
 
@@ -192,7 +196,7 @@ def test_explain_lists_each_passages_largest_contributions():
     explained = retriever.explain(weights, rows, 3)
     assert len(explained) == len(rows) and explained[0] == explained[3]
     for row, latents in zip(rows, explained):
-        dense = weights.toarray()[0] * retriever.doc_weights[row].toarray()[0]
+        dense = weights.toarray()[0] * retriever.sparse.weights[row].toarray()[0]
         expected = np.argsort(-dense)[: min(3, int((dense > 0).sum()))]
         assert [j for j, _ in latents] == expected.tolist()
         np.testing.assert_allclose([c for _, c in latents], dense[expected], rtol=1e-6)
@@ -200,7 +204,7 @@ def test_explain_lists_each_passages_largest_contributions():
 
 
 def test_pruning_keeps_the_strongest_latents_per_passage():
-    from ragsae.retrieve import prune_rows
+    from ragsae.retrieval import prune_rows
 
     codes = random_codes(n=12, m=40, density=0.5)
     ranking = codes.copy()
@@ -214,7 +218,7 @@ def test_pruning_keeps_the_strongest_latents_per_passage():
     retriever = Retriever(
         codes, np.full(12, 5.0, dtype=np.float32), np.eye(40, dtype=np.float32), ScoringConfig(max_latents=4)
     )
-    assert np.diff(retriever.codes.indptr).max() == 4 and np.diff(retriever.doc_weights.indptr).max() == 4
+    assert np.diff(retriever.codes.indptr).max() == 4 and np.diff(retriever.sparse.weights.indptr).max() == 4
 
 
 @pytest.mark.parametrize("weighting", ["rank", "uniform"])

@@ -6,7 +6,8 @@ import torch
 from torch.testing import assert_close
 
 from ragsae.config import SaeConfig
-from ragsae.sae import SaeLoadError, SparseAutoencoder, evaluate_sae, fvu, kl_sparsity, train_sae
+from ragsae.errors import SaeLoadError
+from ragsae.sae import create_sae, evaluate_sae, fvu, kl_sparsity, load_sae, train_sae
 
 
 def synthetic_activations(n=4096, d=32, atoms=64, active=3, seed=0) -> np.ndarray:
@@ -27,7 +28,7 @@ def small_config(**kw) -> SaeConfig:
 
 
 def test_decode_matches_dense_reference():
-    sae = SparseAutoencoder(small_config(), 32)
+    sae = create_sae(small_config(), 32)
     x = torch.randn(10, 32)
     codes = sae.encode(x)
     assert codes.values.shape == codes.indices.shape == (10, 4)
@@ -36,7 +37,7 @@ def test_decode_matches_dense_reference():
 
 
 def test_encode_keeps_the_k_largest_latents():
-    sae = SparseAutoencoder(small_config(), 32)
+    sae = create_sae(small_config(), 32)
     x = torch.randn(6, 32)
     acts = sae.pre_acts(sae.normalise(x))
     codes = sae.encode(x)
@@ -44,7 +45,7 @@ def test_encode_keeps_the_k_largest_latents():
 
 
 def test_low_precision_selection_keeps_exact_values():
-    sae = SparseAutoencoder(small_config(num_latents=512, k=8), 32)
+    sae = create_sae(small_config(num_latents=512, k=8), 32)
     x = torch.randn(200, 32)
     exact = sae.encode(x)
     fast = sae.encode(x, torch.bfloat16)
@@ -59,7 +60,7 @@ def test_low_precision_selection_keeps_exact_values():
 
 def test_low_precision_selection_is_the_plain_product_topk():
     """Prepacked or not, latents are chosen from (x - b_dec) @ W_enc computed in bfloat16."""
-    sae = SparseAutoencoder(small_config(num_latents=512, k=8), 32)
+    sae = create_sae(small_config(num_latents=512, k=8), 32)
     x = torch.randn(50, 32)
     xn = sae.normalise(x)
     low = ((xn - sae.b_dec).bfloat16() @ sae.W_enc.detach().bfloat16()).float() + sae.b_enc
@@ -68,7 +69,7 @@ def test_low_precision_selection_is_the_plain_product_topk():
 
 
 def test_low_precision_weights_follow_updates():
-    sae = SparseAutoencoder(small_config(), 32)
+    sae = create_sae(small_config(), 32)
     x = torch.randn(6, 32)
     before = sae.encode(x, torch.bfloat16)
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_fvu_and_kl_reference_values():
 
 
 def test_auxk_loss_only_with_dead_latents():
-    sae = SparseAutoencoder(small_config(), 32)
+    sae = create_sae(small_config(), 32)
     x = torch.randn(16, 32)
     assert sae(x).aux_loss.item() == 0.0
     dead = torch.zeros(128, dtype=torch.bool)
@@ -102,7 +103,7 @@ def test_auxk_loss_only_with_dead_latents():
 
 @pytest.mark.parametrize("architecture", ["relu", "kl"])
 def test_penalised_architectures_have_sparsity_loss(architecture):
-    sae = SparseAutoencoder(small_config(architecture=architecture), 32)
+    sae = create_sae(small_config(architecture=architecture), 32)
     out = sae(torch.randn(16, 32))
     assert out.aux_loss.item() > 0
     assert out.recon.shape == (16, 32)
@@ -112,7 +113,7 @@ def test_penalised_architectures_have_sparsity_loss(architecture):
 def test_training_explains_sparse_data(architecture):
     data = synthetic_activations()
     config = small_config(architecture=architecture, epochs=10, lr=1e-2)
-    untrained = SparseAutoencoder(config, 32)
+    untrained = create_sae(config, 32)
     untrained.set_normalisation(torch.from_numpy(data))
     before = evaluate_sae(untrained, data)["fvu"]
     sae, report = train_sae(data, config)
@@ -137,7 +138,7 @@ def test_save_load_round_trip(tmp_path):
     sae, _ = train_sae(data, small_config(epochs=1))
     sae.metadata["layer"] = 3
     sae.save(tmp_path / "sae")
-    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
     assert loaded.config == sae.config and loaded.metadata["layer"] == 3
     x = torch.from_numpy(data[:20])
     assert_close(loaded.encode(x).values, sae.encode(x).values)
@@ -145,7 +146,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_rejects_corruption_and_versions(tmp_path):
-    sae = SparseAutoencoder(small_config(), 32)
+    sae = create_sae(small_config(), 32)
     folder = tmp_path / "sae"
     sae.save(folder)
     weights = folder / "model.safetensors"
@@ -153,12 +154,12 @@ def test_load_rejects_corruption_and_versions(tmp_path):
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))
     with pytest.raises(SaeLoadError, match="checksum mismatch"):
-        SparseAutoencoder.load(folder)
+        load_sae(folder)
     sae.save(folder)
     header = json.loads((folder / "config.json").read_text())
     header["format_version"] = 99
     (folder / "config.json").write_text(json.dumps(header))
     with pytest.raises(SaeLoadError, match="format_version 99"):
-        SparseAutoencoder.load(folder)
+        load_sae(folder)
     with pytest.raises(SaeLoadError, match="missing"):
-        SparseAutoencoder.load(tmp_path / "nothing")
+        load_sae(tmp_path / "nothing")

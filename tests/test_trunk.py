@@ -8,8 +8,8 @@ from test_capture import TEXTS
 from torch.testing import assert_close
 
 from ragsae.capture import capture
-from ragsae.llm import LoadedLlm
-from ragsae.trunk import LlamaTrunk, trunk_unsupported_reason
+from ragsae.lm.loading import LoadedLlm
+from ragsae.lm.trunk import LlamaTrunk, trunk_unsupported_reason
 
 
 def tiny_model(model_type: str, **extra):
@@ -53,7 +53,7 @@ def test_matches_transformers_hidden_states(model_type, extra):
 
 
 def test_unfused_weights_give_the_same_activations(monkeypatch):
-    import ragsae.trunk as trunk_module
+    import ragsae.lm.trunk as trunk_module
 
     model = tiny_model("qwen2", use_sliding_window=False)
     ids = torch.randint(0, 97, (2, 7))
@@ -65,7 +65,7 @@ def test_unfused_weights_give_the_same_activations(monkeypatch):
 
 
 def test_prepacked_bfloat16_trunk_gives_the_same_activations(monkeypatch):
-    import ragsae.trunk as trunk_module
+    import ragsae.lm.trunk as trunk_module
 
     model = tiny_model("qwen2", use_sliding_window=False).bfloat16()
     ids = torch.randint(0, 97, (2, 7))
@@ -145,7 +145,7 @@ def test_real_model_activations_are_bit_identical(monkeypatch):
     real passages batched with padding (so cached activations stay valid). Bit for bit on the
     benchmark machine; other CPUs may pick other matrix kernels for the fused products, so the
     test allows rare differences of one rounding step."""
-    from ragsae.llm import load_llm
+    from ragsae.lm.loading import load_llm
 
     llm = load_llm()
     with open(shared_collection("msmarco-5k") / "corpus.jsonl") as f:

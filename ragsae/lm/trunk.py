@@ -2,13 +2,12 @@
 
 Capture needs the residual stream after a few blocks, not logits. On short inputs transformers'
 forward adds measurable overhead (module calls, mask building, keyword plumbing) to the matrix
-products: a ten-token query through layer 8 of SmolLM2-135M takes 5.0 ms on two CPU cores there,
-3.8 ms here, 0.5 ms of that from computing q/k/v and gate/up as one product each (concatenated
-copies of the weights). In bfloat16 on CPU the weights are also kept prepacked for oneDNN
-(`linear.py`). Both copies are made while they cost under `COPY_LIMIT_BYTES`. `LlamaTrunk` gives
-the same activations as the hooked forward, bit for bit on CPU for the models tested
-(tests/test_trunk.py; other kernels may round differently). Other architectures keep the hooked
-forward (`capture.py`).
+products; here the blocks are the products and little else, with q/k/v and gate/up computed as one
+product each (concatenated copies of the weights). In bfloat16 on CPU the weights are also kept
+prepacked for oneDNN (`linear.py`). Both copies are made while they cost under `COPY_LIMIT_BYTES`.
+`LlamaTrunk` gives the same activations as the hooked forward, bit for bit on CPU for the models
+tested (tests/test_trunk.py; other kernels may round differently). Other architectures keep the
+hooked forward (`capture/forward.py`). What it saves is measured in benchmarks/README.md.
 
 Batches must be right-padded: under a causal mask, a real token never sees the padding after it,
 so no padding mask is needed (padded positions hold garbage and are dropped by the caller).
@@ -31,10 +30,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 COPY_LIMIT_BYTES = 512 * 2**20
-"""Most memory spent on copies of the weights made for speed: concatenated q/k/v and gate/up
-(SmolLM2 to layer 8: 37 MB; 0.5 ms of a query's 4 ms saved) and, where `linear.prepack` applies,
-prepacked copies of all the trunk's weights (57 MB; the concatenated copies are then dropped).
-Deeper trunks of larger models use fewer copies, or the weights as they are."""
+"""Most memory spent on copies of the weights made for speed: concatenated q/k/v and gate/up and,
+where `linear.prepack` applies, prepacked copies of all the trunk's weights (the concatenated copies
+are then dropped). Deeper trunks of larger models use fewer copies, or the weights as they are."""
 
 
 @dataclass

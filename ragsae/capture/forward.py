@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .llm import LoadedLlm
-from .storage import save_npy_atomic, write_json_atomic
+from ..errors import CorpusError, ModelError
+from ..lm import LoadedLlm
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +39,9 @@ class _StopForward(Exception):
 
 
 def check_layer(llm: LoadedLlm, layer: int) -> None:
+    """ModelError unless `llm` has a residual stream at `layer`."""
     if not 0 <= layer <= llm.num_layers:
-        raise ValueError(
+        raise ModelError(
             f"layer {layer} does not exist: {llm.model_id} has layers 0..{llm.num_layers} "
             "(0 = embeddings, N = after block N)"
         )
@@ -65,11 +62,13 @@ def tokenize(
     # Prefix and text are tokenised together, as the model reads them ("Question: what" keeps the
     # text's first word in its with-space form); the prefix alone gives the count of leading tokens.
     prefix = prefix.rstrip()
-    n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+    with llm.lock:
+        n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
     fed = [f"{prefix} {t}" for t in texts] if prefix else list(texts)
-    encoded = tok(
-        fed, add_special_tokens=False, truncation=True, max_length=window + n_prefix, return_offsets_mapping=True
-    )
+    with llm.lock:
+        encoded = tok(
+            fed, add_special_tokens=False, truncation=True, max_length=window + n_prefix, return_offsets_mapping=True
+        )
     spans = [(text, list(offsets)) for text, offsets in zip(fed, encoded["offset_mapping"])]
     return [bos + ids for ids in encoded["input_ids"]], len(bos) + n_prefix, spans
 
@@ -102,7 +101,7 @@ def capture(
     """Residual-stream activations at each of `layers` for every token of every text.
 
     Only blocks up to max(layers) run: as plain tensor operations for Llama-family models
-    (`trunk.py`), otherwise through the model's forward with hooks. Texts are batched by length
+    (`lm/trunk.py`), otherwise through the model's forward with hooks. Texts are batched by length
     (deterministic order), results come back in input order. Tokens of `stopwords` are fed but not
     returned.
     """
@@ -117,7 +116,7 @@ def capture(
     lengths = np.array([fed[i] if m is None else int(m.sum()) for i, m in enumerate(masks)])
     if (lengths <= 0).any():
         bad = int(np.argmax(lengths <= 0))
-        raise ValueError(f"text {bad} has no tokens after tokenisation: {texts[bad][:60]!r}")
+        raise CorpusError(f"text {bad} has no tokens after tokenisation: {texts[bad][:60]!r}")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     out = {layer: np.empty((int(offsets[-1]), llm.d_model), dtype=np.float16) for layer in layers}
 
@@ -168,75 +167,3 @@ def capture(
         if not np.isfinite(values).all():
             raise FloatingPointError(f"layer {layer} activations overflow float16 storage")
     return {layer: TokenActivations(values, offsets) for layer, values in out.items()}
-
-
-class ActivationCache:
-    """Activations on disk, keyed by model hash and dtype, layer, window, prefix and text fingerprint."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def key(self, model_key: str, layer: int, window: int, prefix: str, texts_fingerprint: str) -> Path:
-        """Entry folder for `LoadedLlm.activation_key`, layer, window, prefix and texts."""
-        raw = f"{model_key}|{layer}|{window}|{prefix}|{texts_fingerprint}"
-        return self.root / hashlib.sha256(raw.encode()).hexdigest()[:24]
-
-    def load(self, path: Path) -> TokenActivations | None:
-        if not (path / "offsets.npy").is_file():
-            return None
-        offsets = np.load(path / "offsets.npy")
-        values = np.load(path / "values.npy", mmap_mode="r")
-        if values.shape[0] != offsets[-1]:
-            logger.warning("activation cache %s is inconsistent; recomputing", path)
-            return None
-        return TokenActivations(values, offsets)
-
-    def save(self, path: Path, acts: TokenActivations, timing: dict[str, Any] | None = None) -> None:
-        """Write an entry; `timing` (the capture's seconds, device and layers) goes beside it."""
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "offsets.npy").unlink(missing_ok=True)  # incomplete until rewritten below
-        if timing is not None:
-            write_json_atomic(path / "timing.json", timing)
-        # values first, offsets last: offsets.npy present means the entry is complete.
-        for name, array in (("values.npy", acts.values), ("offsets.npy", acts.offsets)):
-            save_npy_atomic(path / name, array)
-
-    def timing(self, path: Path) -> dict[str, Any] | None:
-        """How long the entry's capture took, if it was timed."""
-        meta = path / "timing.json"
-        return json.loads(meta.read_text()) if meta.is_file() else None
-
-
-def capture_cached(
-    llm: LoadedLlm,
-    texts: list[str],
-    layers: list[int],
-    texts_fingerprint: str,
-    cache: ActivationCache | None,
-    window: int = 256,
-    batch_size: int = 16,
-    prefix: str = "",
-    progress: bool = False,
-    stopwords: frozenset[str] = frozenset(),
-    refresh: bool = False,
-) -> dict[int, TokenActivations]:
-    """`capture`, reading and writing `cache` (if given) per layer; `refresh` captures again even
-    what is cached. Entries written here carry the capture's timing (`ActivationCache.timing`)."""
-    if stopwords:  # the cache key must tell token selections apart
-        texts_fingerprint += "|stop:" + ",".join(sorted(stopwords))
-    found: dict[int, TokenActivations] = {}
-    if cache is not None and not refresh:
-        for layer in layers:
-            hit = cache.load(cache.key(llm.activation_key, layer, window, prefix, texts_fingerprint))
-            if hit is not None:
-                found[layer] = hit
-    missing = [layer for layer in layers if layer not in found]
-    if missing:
-        start = time.perf_counter()
-        fresh = capture(llm, texts, missing, window, batch_size, prefix, progress, stopwords)
-        timing = {"seconds": time.perf_counter() - start, "device": str(llm.device), "layers": missing}
-        if cache is not None:
-            for layer, acts in fresh.items():
-                cache.save(cache.key(llm.activation_key, layer, window, prefix, texts_fingerprint), acts, timing)
-        found.update(fresh)
-    return found

@@ -74,37 +74,33 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ragsae.bench import (
-    MEASURES,
-    activations_key,
-    cached_sae,
-    command_line,
-    evaluate,
-    git_commit,
-    load_beir,
-    machine,
-    timed_capture,
-    to_document_run,
+from ragsae.bench import MEASURES, cached_sae, evaluate, load_beir, timed_capture, to_document_run
+from ragsae.capture import (
+    ActivationCache,
+    TokenActivations,
+    activations_id,
+    capture_cached,
+    content_mask,
+    tokenize,
 )
-from ragsae.capture import ActivationCache, TokenActivations, content_mask, tokenize
 from ragsae.config import BuildConfig, ScoringConfig, to_dict
-from ragsae.corpus import Passage, split_passages
 from ragsae.encode import CodeEncoder, PooledCodes
-from ragsae.index import library_versions
-from ragsae.llm import LoadedLlm, load_llm
-from ragsae.retrieve import (
+from ragsae.lm import LoadedLlm, load_llm
+from ragsae.provenance import command_line, git_commit, library_versions, machine
+from ragsae.retrieval import (
     Retriever,
     bm25_document_weights,
     decoder_vectors,
     feedback_queries,
     inverted_index,
     latent_idf,
+    row_norms,
     sparse_search,
     top_k,
 )
-from ragsae.sae import SparseAutoencoder, evaluate_sae
-from ragsae.stopwords import STOPWORD_LISTS
+from ragsae.sae import SparseAutoencoder, evaluate_sae, optimiser_step
 from ragsae.storage import write_json_atomic, write_text_atomic
+from ragsae.text import STOPWORD_LISTS, Passage, fingerprint, split_passages
 
 DEPTH = 100
 """Passages retrieved per query (R@100 needs 100)."""
@@ -210,21 +206,46 @@ def code_encoder(
     return CodeEncoder(collection.llm, sae, build.capture, pooling or build.scoring.pooling, cache)
 
 
-def read_queries(collection: Collection, build: BuildConfig, sae: SparseAutoencoder, prefix: str) -> TokenActivations:
+def activations(
+    collection: Collection,
+    build: BuildConfig,
+    texts: list[str],
+    prefix: str,
+    progress: bool = False,
+    stopwords: frozenset[str] = frozenset(),
+) -> TokenActivations:
+    """Activations of `texts` read with `prefix` at the build's layer (prefix and stopwords fed, not
+    kept), through the bench activation cache."""
+    cfg, cache = build.capture, ActivationCache(collection.cache_root / "activations")
+    layer = cfg.layer
+    return capture_cached(
+        collection.llm,
+        texts,
+        [layer],
+        fingerprint(texts),
+        cache,
+        cfg.window,
+        cfg.batch_size,
+        prefix,
+        progress,
+        stopwords,
+    )[layer]
+
+
+def read_queries(collection: Collection, build: BuildConfig, prefix: str) -> TokenActivations:
     """Query activations with `prefix` fed before each query; prefix and query stopwords not kept."""
     stopwords = STOPWORD_LISTS[build.capture.query_stopwords]
-    return code_encoder(collection, build, sae).activations(collection.query_texts, prefix, False, stopwords)
+    return activations(collection, build, collection.query_texts, prefix, False, stopwords)
 
 
 def make_setup(collection: Collection, build: BuildConfig) -> Setup:
     """Passage activations (`timed_capture`, no timing needed), the cached SAE and the query activations."""
     llm, cfg = collection.llm, build.capture
     cache = ActivationCache(collection.cache_root / "activations")
-    acts, _ = timed_capture(llm, collection.texts, cfg.layer, cfg, cache, True, need_timing=False)
-    acts_key = activations_key(llm, cfg.layer, cfg, collection.texts)
-    sae = cached_sae(acts, acts_key, build.sae, llm, cfg.layer, collection.cache_root, True)
+    acts, _ = timed_capture(llm, collection.texts, cfg, cache, True, need_timing=False)
+    sae = cached_sae(llm, collection.texts, acts, cfg, build.sae, collection.cache_root, True)
     sae = sae.to(llm.device).eval()
-    return Setup(collection, build, acts, sae, read_queries(collection, build, sae, cfg.query_prefix))
+    return Setup(collection, build, acts, sae, read_queries(collection, build, cfg.query_prefix))
 
 
 # --- scoring helpers ----------------------------------------------------------------------------
@@ -344,16 +365,22 @@ def study_feedback(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
     w_dec = setup.sae.W_dec.detach().cpu().numpy()
     retriever = Retriever(docs.codes, docs.lengths, w_dec, scoring)
     q = retriever.query_weights(queries.codes)
-    metrics = run_metrics(setup.collection, *sparse_search(q, retriever.postings, DEPTH))
+    metrics = run_metrics(setup.collection, *sparse_search(q, retriever.sparse.postings, DEPTH))
     rows = [result_row("baseline: no feedback", metrics, {"latents/query": per_row(q)}, feedback_passages=0)]
     grid = [("uniform", p, w, n) for p in FEEDBACK_PASSAGES for w in FEEDBACK_WEIGHTS for n in FEEDBACK_LATENTS]
     grid += [("rank", p, 1.0, 100) for p in FEEDBACK_PASSAGES]
-    firsts = {p: sparse_search(q, retriever.postings, p)[1] for p in FEEDBACK_PASSAGES}
+    firsts = {p: sparse_search(q, retriever.sparse.postings, p)[1] for p in FEEDBACK_PASSAGES}
     for weighting, passages, weight, latents in grid:
         expanded = feedback_queries(
-            q, firsts[passages], retriever.doc_weights, retriever.doc_norms, weight, latents, weighting
+            q,
+            firsts[passages],
+            retriever.sparse.weights,
+            row_norms(retriever.sparse.weights),
+            weight,
+            latents,
+            weighting,
         )
-        metrics = run_metrics(setup.collection, *sparse_search(expanded, retriever.postings, DEPTH))
+        metrics = run_metrics(setup.collection, *sparse_search(expanded, retriever.sparse.postings, DEPTH))
         label = f"{weighting}: passages={passages} weight={weight} latents={latents}"
         setting = (weighting, passages, weight, latents)
         chosen = (default.feedback_weighting, default.feedback_passages, default.feedback_weight)
@@ -389,7 +416,7 @@ def study_prefix(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]
     docs = pool(setup, setup.acts, progress=True)
     rows = []
     for label, prefix in tqdm(query_prefixes(setup.collection.llm.tokenizer), desc="prefixes"):
-        queries = pool(setup, read_queries(setup.collection, setup.build, setup.sae, prefix))
+        queries = pool(setup, read_queries(setup.collection, setup.build, prefix))
         if prefix == setup.build.capture.query_prefix:
             label += " (default)"
         metrics = sparse_metrics(setup, docs, queries)
@@ -401,10 +428,9 @@ def study_prefix(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]
 def study_passage_prefix(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per passage prefix: passages captured again with it, coded by the setup's SAE."""
     queries = pool(setup, setup.query_acts)
-    encoder = code_encoder(setup.collection, setup.build, setup.sae)
     rows = []
     for prefix in tqdm(PASSAGE_PREFIXES, desc="passage prefixes"):
-        docs = pool(setup, encoder.activations(setup.collection.texts, prefix, True))
+        docs = pool(setup, activations(setup.collection, setup.build, setup.collection.texts, prefix, True))
         label = repr(prefix) if prefix else "no passage prefix"
         if prefix == setup.build.capture.passage_prefix:
             label += " (default)"
@@ -565,7 +591,7 @@ def training_data(setup: Setup, setting: FinetuneSetting, rng: np.random.Generat
     else:
         spans, keep = inverse_cloze_spans(setup, rng, *SPAN_WORDS)
     encoder = code_encoder(collection, setup.build, setup.sae, "sum")
-    pseudo = encoder.activations(spans, cfg.query_prefix, True, STOPWORD_LISTS[cfg.query_stopwords])
+    pseudo = activations(collection, setup.build, spans, cfg.query_prefix, True, STOPWORD_LISTS[cfg.query_stopwords])
     codes = encoder.pool_activations(setup.acts)
     idf = latent_idf(codes.codes)
     vectors = None
@@ -650,16 +676,6 @@ def batch_scores(
     return queries @ weights.T, fvu
 
 
-def optimiser_step(sae: SparseAutoencoder, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """Backward, decoder-parallel gradients removed, SAE gradients clipped, step, decoder renormalised."""
-    optimiser.zero_grad()
-    loss.backward()
-    sae.remove_parallel_grads()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.config.grad_clip)
-    optimiser.step()
-    sae.normalise_decoder()
-
-
 def finetune(
     setup: Setup, setting: FinetuneSetting, seed: int, batch_size: int = CONTRASTIVE_BATCH
 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
@@ -686,7 +702,7 @@ def finetune(
                 scores = raw * log_scale.exp()
                 labels = torch.arange(len(items), device=scores.device)
                 ce = F.cross_entropy(scores, labels)
-                optimiser_step(sae, optimiser, fvu + setting.lam * ce)
+                optimiser_step(sae, optimiser, fvu + setting.lam * ce, sae.config.grad_clip)
                 acc = (scores.argmax(1) == labels).float().mean().item()
                 history.append({"epoch": epoch, "ce": ce.item(), "fvu": fvu.item(), "acc": acc})
                 bar.update(1)
@@ -763,20 +779,25 @@ def study_shared_sae(setup: Setup, args: argparse.Namespace) -> list[dict[str, A
     build, llm, cfg = setup.build, setup.collection.llm, setup.build.capture
     cache = ActivationCache(setup.collection.cache_root / "activations")
     sample = np.asarray(setup.acts.values[:FVU_ROWS], dtype=np.float32)
-    parts = {activations_key(llm, cfg.layer, cfg, setup.collection.texts): (setup.collection.name, setup.acts)}
+
+    def key(texts: list[str]) -> str:
+        return activations_id(llm, cfg.layer, cfg.window, cfg.passage_prefix, fingerprint(texts))
+
+    parts = {key(setup.collection.texts): (setup.collection.name, setup.collection.texts, setup.acts)}
     rows = [sae_row(setup, f"own SAE ({setup.collection.name} passages)", setup.sae, sample)]
     for dataset in args.with_datasets:
         other = load_collection(dataset, args.split, build, setup.collection.cache_root, llm)
-        acts, _ = timed_capture(llm, other.texts, cfg.layer, cfg, cache, True, need_timing=False)
-        key = activations_key(llm, cfg.layer, cfg, other.texts)
-        sae = cached_sae(acts, key, build.sae, llm, cfg.layer, setup.collection.cache_root, True).eval()
+        acts, _ = timed_capture(llm, other.texts, cfg, cache, True, need_timing=False)
+        sae = cached_sae(llm, other.texts, acts, cfg, build.sae, setup.collection.cache_root, True).eval()
         rows.append(sae_row(setup, f"{other.name}'s SAE ({other.name} passages)", sae, sample))
-        parts[key] = (other.name, acts)
+        parts[key(other.texts)] = (other.name, other.texts, acts)
     keys = sorted(parts)  # one order, so that every collection of the union reads the same cached SAE
-    values = np.concatenate([np.asarray(parts[key][1].values) for key in keys])
-    union = TokenActivations(values, np.array([0, len(values)], dtype=np.int64))
-    sae = cached_sae(union, " + ".join(keys), build.sae, llm, cfg.layer, setup.collection.cache_root, True).eval()
-    names = " + ".join(parts[key][0] for key in keys)
+    values = np.concatenate([np.asarray(parts[k][2].values) for k in keys])
+    texts = [text for k in keys for text in parts[k][1]]
+    lengths = np.concatenate([parts[k][2].lengths() for k in keys])
+    union = TokenActivations(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    sae = cached_sae(llm, texts, union, cfg, build.sae, setup.collection.cache_root, True).eval()
+    names = " + ".join(parts[k][0] for k in keys)
     rows.append(sae_row(setup, f"shared SAE ({names} passages, {len(values)} tokens)", sae, sample))
     return rows
 

@@ -1,12 +1,11 @@
 """Linear maps whose weights are kept in oneDNN's blocked layout on CPU in bfloat16.
 
 On CPU, `F.linear` in bfloat16 runs oneDNN, which first reorders the weight into its blocked
-layout, on every call. For the short inputs of a query that reorder costs as much as the product:
-the 32 products through layer 8 of SmolLM2-135M for 12 tokens take 5.8 ms on two AMD EPYC cores,
-4.0 ms with the weights reordered once ("prepacked", as PyTorch's compiler does when it freezes a
-model), and a query's SAE encoder product 0.43 -> 0.12 ms. The packed product uses the same kernel,
-so results are the same bit for bit; each weight is checked once against `F.linear` on probe inputs
-and left unpacked where they differ, where the op is missing, or off CPU / bfloat16.
+layout, on every call. For the short inputs of a query that reorder costs about as much as the
+product, so the weights are reordered once ("prepacked", as PyTorch's compiler does when it freezes
+a model; the gain is measured in benchmarks/README.md). The packed product uses the same kernel, so
+results are the same bit for bit; each weight is checked once against `F.linear` on probe inputs and
+left unpacked where they differ, where the op is missing, or off CPU / bfloat16.
 """
 
 from __future__ import annotations

@@ -1,0 +1,323 @@
+"""Command line: `ragsae {build,search,ask,info,train,demo,bench}` (also `python -m ragsae`).
+
+Each subcommand parses its arguments into the library's configs and calls one library function.
+Options that set a config field take their help text, default and choices from the field itself
+(`config.field_docs`), so the two cannot disagree. `-k` is always a number of hits; the SAE's k is
+`--sae-k`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .config import (
+    SEARCH_MODES,
+    BuildConfig,
+    CaptureConfig,
+    LlmConfig,
+    SaeConfig,
+    ScoringConfig,
+    field_choices,
+    field_docs,
+    optional_int,
+)
+from .errors import RagsaeError
+
+DEFAULT_DEMO_INDEX = Path("indexes") / "stdlib-docs"
+
+CONFIG_OPTIONS: dict[type, dict[str, str]] = {
+    LlmConfig: {"model": "--model", "gguf_file": "--gguf-file", "device": "--device", "dtype": "--dtype"},
+    CaptureConfig: {"layer": "--layer", "window": "--window", "overlap": "--overlap", "batch_size": "--batch-size"},
+    SaeConfig: {
+        "architecture": "--architecture",
+        "num_latents": "--num-latents",
+        "k": "--sae-k",
+        "epochs": "--epochs",
+        "batch_size": "--sae-batch-size",
+        "lr": "--lr",
+        "seed": "--seed",
+    },
+    ScoringConfig: {
+        "pooling": "--pooling",
+        "mode": "--mode",
+        "max_latents": "--max-latents",
+        "feedback_passages": "--feedback-passages",
+    },
+}
+"""Config fields settable from the command line, with their flags."""
+
+GROUP_TITLES = {LlmConfig: "LLM", CaptureConfig: "capture", SaeConfig: "sparse autoencoder", ScoringConfig: "scoring"}
+
+
+def dest(cls: type, name: str) -> str:
+    """argparse destination of a config field: unique across configs (SaeConfig.k and .batch_size clash)."""
+    return f"{cls.__name__}.{name}"
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of `CONFIG_OPTIONS[cls]`: help from the field's docstring, default from the
+    dataclass, choices from its `Literal` type."""
+    group = parser.add_argument_group(GROUP_TITLES[cls])
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for name, flag in CONFIG_OPTIONS[cls].items():
+        default = defaults[name]
+        kwargs: dict[str, Any] = {"dest": dest(cls, name), "default": default}
+        choices = field_choices(cls, name)
+        if choices is not None:
+            kwargs["choices"] = choices
+        elif name == "max_latents":
+            kwargs.update(type=optional_int, metavar="N|all")
+        elif isinstance(default, bool):
+            raise TypeError(f"{cls.__name__}.{name}: boolean fields need a flag action")
+        elif isinstance(default, (int, float)):
+            kwargs["type"] = type(default)
+        help_text = field_docs(cls)[name].replace("%", "%%")
+        group.add_argument(flag, help=f"{help_text} (default: {default})", **kwargs)
+
+
+def add_build_args(parser: argparse.ArgumentParser) -> None:
+    for cls in CONFIG_OPTIONS:
+        add_config_args(parser, cls)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+    """`cls` (or `base` with) the fields set from the command line."""
+    values = {name: getattr(args, dest(cls, name)) for name in CONFIG_OPTIONS[cls]}
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def build_config(args: argparse.Namespace) -> BuildConfig:
+    return BuildConfig(
+        llm=config_from_args(LlmConfig, args),
+        capture=config_from_args(CaptureConfig, args),
+        sae=config_from_args(SaeConfig, args),
+        scoring=config_from_args(ScoringConfig, args),
+    )
+
+
+def print_hits(hits: list[Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([hit.__dict__ for hit in hits], indent=2, ensure_ascii=False))
+        return
+    for hit in hits:
+        snippet = " ".join(hit.text.split())[:160]
+        latents = ", ".join(f"#{j}:{w:.2f}" for j, w in hit.latents)
+        print(f"{hit.rank:>3}. {hit.doc_id}  score={hit.score:.4f}  latents[{latents}]\n     {snippet}")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    index = Index.build(
+        args.corpus,
+        args.output,
+        build_config(args),
+        sae=args.sae,
+        skip_empty=args.skip_empty,
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(json.dumps(index.info(), indent=2))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    index = Index.load(args.index, mode=args.mode, device=args.device)
+    print_hits(index.search(args.query, args.k), args.json)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .generate import RAG
+    from .index import Index
+
+    index = Index.load(args.index, mode=args.mode, device=args.device)
+    answer = RAG(index, k=args.k, max_new_tokens=args.max_new_tokens).ask(args.question)
+    print(f"Q: {answer.question}\nA: {answer.format()}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .index import read_manifest
+
+    print(json.dumps(read_manifest(args.index), indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .encode import fit_sae, passage_activations
+    from .index.folder import occupied
+    from .lm import load_llm
+    from .text import load_documents, split_passages
+
+    if occupied(args.output) and not args.overwrite:
+        raise RagsaeError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    config = build_config(args)
+    documents = load_documents(args.corpus, args.skip_empty)
+    llm = load_llm(config.llm, progress=True)
+    passages = split_passages(documents, llm.tokenizer, config.capture.window, config.capture.overlap)
+    texts = [p.text for p in passages]
+    acts = passage_activations(llm, texts, config.capture, progress=True)
+    sae, report = fit_sae(llm, texts, acts, config.capture, config.sae, progress=True)
+    sae.save(args.output)
+    print(json.dumps(report.to_json(), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_QUESTION, stdlib_documents
+    from .generate import RAG
+    from .index import Index
+
+    path = Path(args.index)
+    index = None
+    if path.exists() and not args.rebuild:
+        try:
+            index = Index.load(path)
+            print(f"Loaded {path} ({len(index)} passages)", file=sys.stderr)
+        except RagsaeError as error:  # the demo's own index, e.g. from an older ragsae: rebuild it
+            print(f"Rebuilding the demo index: {error}", file=sys.stderr)
+    if index is None:
+        documents = stdlib_documents()
+        print(f"Building {path} from {len(documents)} Python standard-library docstrings...", file=sys.stderr)
+        index = Index.build(documents, path, overwrite=True, progress=True)
+    answer = RAG(index, k=args.k).ask(args.question or DEFAULT_QUESTION)
+    print(f"Q: {answer.question}\nA: {answer.format()}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, markdown_table, run_benchmark, sweep_stem
+
+    bench = BenchConfig(
+        dataset=args.dataset,
+        split=args.split,
+        output_dir=args.output_dir,
+        cache_dir=args.cache_dir,
+        baselines=tuple(b for b in args.baselines.split(",") if b),
+        sae=args.sae,
+        sweep=tuple(args.sweep or ()),
+        build=build_config(args),
+    )
+    result = run_benchmark(bench, progress=True)
+    print(markdown_table(result["rows"], result["collection"]))
+    print(f"wrote {bench.output_dir}/{sweep_stem(result['collection'], bench.sweep)}.json, .md and plots")
+    return 0
+
+
+def add_hits_arg(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    parser.add_argument("-k", "--k", type=int, default=default, help=f"{what} (default: {default})")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ragsae",
+        description="Retrieval-augmented generation over sparse autoencoder codes of an LLM's activations.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "build",
+        help="build an index from a corpus (trains an SAE unless --sae is given)",
+        description="Build an index: JSONL file, BEIR folder (corpus.jsonl) or folder of .txt/.md files.",
+    )
+    p.add_argument("corpus", help="JSONL file, BEIR folder or folder of text files")
+    p.add_argument("-o", "--output", required=True, help="index folder to write (e.g. indexes/mycorpus)")
+    p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    p.add_argument("--cache-dir", help="cache captured activations here")
+    p.add_argument("--sae", help="reuse a trained SAE folder (from `ragsae train`) instead of training one")
+    add_build_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("search", help="top passages for a query, with contributing latents")
+    p.add_argument("index", help="index folder")
+    p.add_argument("query")
+    add_hits_arg(p, 10, "passages to return")
+    p.add_argument("--mode", choices=SEARCH_MODES, help="override the index's scoring mode")
+    p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.add_argument("--json", action="store_true", help="print hits as JSON")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from the index, citing passages as [1], [2]")
+    p.add_argument("index", help="index folder")
+    p.add_argument("question")
+    add_hits_arg(p, 3, "passages given to the LLM")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap in tokens (default: 96)")
+    p.add_argument("--mode", choices=SEARCH_MODES, help="override the index's scoring mode")
+    p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("info", help="print an index's manifest")
+    p.add_argument("index", help="index folder")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "train",
+        help="train an SAE on a corpus's passage activations and save it (for build --sae)",
+        description="Train an SAE exactly as `ragsae build` would (same passages, prefix and capture) and save it.",
+    )
+    p.add_argument("corpus", help="JSONL file, BEIR folder or folder of text files")
+    p.add_argument("-o", "--output", required=True, help="SAE folder to write")
+    p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder")
+    add_config_args(p, LlmConfig)
+    add_config_args(p, CaptureConfig)
+    add_config_args(p, SaeConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="build an index of Python's stdlib docstrings and ask it a question")
+    p.add_argument("--question", default=None, help="question to ask (default: how to read a CSV file)")
+    p.add_argument("--index", default=str(DEFAULT_DEMO_INDEX), help=f"index folder (default: {DEFAULT_DEMO_INDEX})")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even if the index exists")
+    add_hits_arg(p, 3, "passages given to the LLM")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark ragsae against BM25 and dense retrieval on a BEIR collection",
+        description="Score ragsae (sparse, faiss, fused) and baselines on DATASET_DIR "
+        "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); write JSON, Markdown and plots.",
+    )
+    p.add_argument("dataset", help="BEIR-layout folder")
+    p.add_argument("--split", default="test", help="qrels split (default: test)")
+    p.add_argument("--output-dir", default="benchmarks/results", help="where results go (default: benchmarks/results)")
+    p.add_argument("--cache-dir", default="benchmarks/.cache", help="activation/SAE/embedding cache")
+    p.add_argument("--baselines", default="bm25,dense", help="comma list of bm25,dense ('' for none)")
+    p.add_argument("--sae", help="score with this SAE folder instead of training one on the collection")
+    p.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="NAME=V1,V2",
+        help="sweep settings, e.g. layer=4,8,12 k=16,32 latents=4096,8192 pooling=max,sum",
+    )
+    add_build_args(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except RagsaeError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ragsae {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,90 @@
+"""Latent weighting and exact sparse scoring: BM25 over latents, pruning, top-k, decoder-space vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def latent_idf(codes: sp.csr_matrix) -> np.ndarray:
+    """BM25 IDF per latent from the number of passages on which it fires (Robertson-Sparck Jones, +1)."""
+    n = codes.shape[0]
+    df = np.bincount(codes.indices, minlength=codes.shape[1]).astype(np.float64)
+    return np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
+
+
+def bm25_document_weights(
+    codes: sp.csr_matrix, lengths: np.ndarray, idf: np.ndarray, k1: float, b: float, avg_length: float
+) -> sp.csr_matrix:
+    """Per-passage latent weights idf * tf (k1 + 1) / (tf + k1 (1 - b + b len / avglen)), with tf = pooled code."""
+    weights = codes.copy().astype(np.float32)
+    row_norm = k1 * (1 - b + b * lengths / avg_length)
+    per_entry = np.repeat(row_norm, np.diff(weights.indptr))
+    tf = weights.data
+    weights.data = idf[weights.indices] * tf * (k1 + 1) / (tf + per_entry)
+    return weights
+
+
+def strongest_entries(ranking: sp.csr_matrix, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions into `ranking.data`, new indptr) of the `keep` highest entries of each row, in order."""
+    rows = []
+    for r in range(ranking.shape[0]):
+        lo, hi = ranking.indptr[r], ranking.indptr[r + 1]
+        rows.append(np.sort(np.argsort(-ranking.data[lo:hi], kind="stable")[:keep]) + lo)
+    picked = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return picked, np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+
+
+def take_entries(matrix: sp.csr_matrix, picked: np.ndarray, indptr: np.ndarray) -> sp.csr_matrix:
+    """The entries `strongest_entries` chose, from a matrix with the ranking's sparsity pattern."""
+    return sp.csr_matrix((matrix.data[picked], matrix.indices[picked], indptr), shape=matrix.shape)
+
+
+def prune_rows(codes: sp.csr_matrix, ranking: sp.csr_matrix, keep: int) -> sp.csr_matrix:
+    """`codes` with only the `keep` entries per row that rank highest in `ranking` (same sparsity pattern)."""
+    return take_entries(codes, *strongest_entries(ranking, keep))
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` columns per row of (nq, n) scores as (scores, ids), each (nq, k), padded with -inf / -1."""
+    nq, n = scores.shape
+    kk = min(k, n)
+    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    ids = np.take_along_axis(part, order, axis=1)
+    best = np.take_along_axis(part_scores, order, axis=1)
+    if kk < k:
+        ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        best = np.pad(best, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+    return best, ids
+
+
+def inverted_index(doc_weights: sp.csr_matrix) -> sp.csr_matrix:
+    """Latent-major copy (m, n) of passage weights (n, m): row j is latent j's posting list."""
+    return doc_weights.T.tocsr()
+
+
+def sparse_search(query_weights: sp.csr_matrix, postings: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of sparse queries (nq, m) with the passages of `postings` (m, n); best k per query.
+
+    Only the posting lists of the query's latents are read (term-at-a-time over an inverted index).
+    """
+    scores = (query_weights @ postings).toarray()
+    return top_k(scores, k)
+
+
+def row_norms(matrix: sp.csr_matrix) -> np.ndarray:
+    """L2 norm of every row of a sparse matrix."""
+    return np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1), dtype=np.float64).ravel())
+
+
+def decoder_vectors(weights: sp.csr_matrix, w_dec: np.ndarray) -> np.ndarray:
+    """Dense (n, d_model) L2-normalised vectors sum_j weight_j * W_dec[j]: codes mapped back to model space.
+
+    Inner products of these compare latents through their decoder directions, so related
+    latents match softly, which the exact sparse score cannot do.
+    """
+    dense = np.asarray(weights @ w_dec, dtype=np.float32)
+    norms = np.linalg.norm(dense, axis=1, keepdims=True)
+    return dense / np.maximum(norms, 1e-12)
