@@ -87,10 +87,11 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
         add_config_args(parser, cls)
 
 
-def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
-    """`cls` (or `base` with) the fields set from the command line."""
-    values = {name: getattr(args, dest(cls, name)) for name in CONFIG_OPTIONS[cls]}
-    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """`cls` with the fields its options set; defaults where the subcommand has none of them."""
+    return cls(
+        **{name: getattr(args, dest(cls, name)) for name in CONFIG_OPTIONS[cls] if hasattr(args, dest(cls, name))}
+    )
 
 
 def build_config(args: argparse.Namespace) -> BuildConfig:

@@ -33,7 +33,7 @@ def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
         os.replace(tmp, path)
     finally:
@@ -123,7 +123,7 @@ def storage_precision(matrix: sp.csr_matrix) -> sp.csr_matrix:
 def save_compact_csr_atomic(path: str | Path, matrix: sp.csr_matrix) -> None:
     """Write `compact_csr_arrays(matrix)` as an uncompressed .npz via a temporary file and a rename."""
     with atomic_output(path) as handle:
-        np.savez(handle, **compact_csr_arrays(matrix))
+        np.savez(handle, **compact_csr_arrays(matrix))  # type: ignore[arg-type]  # numpy's stubs take **kwds as flags
 
 
 def load_compact_csr(path: str | Path, error: type[Exception] = ValueError) -> sp.csr_matrix:

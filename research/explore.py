@@ -1,7 +1,7 @@
 """Exploration studies on one BEIR collection: scoring variants, pseudo-relevance feedback, query
 prefixes, passage stopwords, multi-layer codes and contrastive SAE fine-tuning.
 
-python benchmarks/explore.py DATASET_DIR STUDY [--cache-dir benchmarks/.cache] [--output-dir benchmarks/results]
+python research/explore.py DATASET_DIR STUDY [--cache-dir benchmarks/.cache] [--output-dir benchmarks/results]
 
 Every study starts from the default `BuildConfig`, exactly as `ragsae bench` builds it: passages split
 by the LLM's tokenizer, passage activations from `timed_capture` and the SAE from `cached_sae` (both

@@ -1,6 +1,6 @@
 """One figure of every exploration study's nDCG@10 against its own baseline and the reference methods.
 
-python benchmarks/plot_explorations.py [RESULTS_DIR]
+python research/plot_explorations.py [RESULTS_DIR]
 
 Reads RESULTS_DIR/<collection>-explore-<study>.json (written by explore.py) and
 RESULTS_DIR/<collection>.json (the default benchmark, for the BM25 and MiniLM lines) and writes

@@ -61,3 +61,95 @@ def test_build_search_info_on_tiny_model(tiny_llm_dir, tmp_path, capsys):
     assert info["counts"]["documents"] == 4
     scoring = json.loads((tmp_path / "idx" / "manifest.json").read_text())["config"]["scoring"]
     assert scoring["max_latents"] is None and scoring["feedback_passages"] == 2
+
+
+def tiny_args(tiny_llm_dir, *extra):
+    return [
+        "--model",
+        str(tiny_llm_dir),
+        "--layer",
+        "1",
+        "--num-latents",
+        "64",
+        "--sae-k",
+        "4",
+        "--epochs",
+        "1",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha beta gamma")
+    (corpus / "long.txt").write_text(" ".join(f"token{i}" for i in range(2000)))
+    return corpus
+
+
+def test_train_then_build_with_its_sae_feeds_the_activations_it_trained_on(tiny_llm_dir, small_corpus, tmp_path):
+    import torch
+
+    from ragsae.sae import load_sae
+
+    sae_dir, own, reused = tmp_path / "sae", tmp_path / "own", tmp_path / "reused"
+    assert main(["train", str(small_corpus), "-o", str(sae_dir), *tiny_args(tiny_llm_dir)]) == 0
+    assert main(["build", str(small_corpus), "-o", str(own), *tiny_args(tiny_llm_dir)]) == 0
+    assert main(["build", str(small_corpus), "-o", str(reused), "--sae", str(sae_dir), *tiny_args(tiny_llm_dir)]) == 0
+    trained, built = load_sae(sae_dir), load_sae(own / "sae")
+    # Same passages, prefix and capture: the SAE `train` writes is the one `build` trains (to the last
+    # bit or so: multithreaded CPU reductions need not add in one order).
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(tensor, built.state_dict()[name], rtol=0, atol=1e-6)
+    assert trained.metadata["train"]["fvu"] == pytest.approx(built.metadata["train"]["fvu"], rel=1e-6)
+    for key in ("train_fingerprint", "passage_prefix", "window", "layer", "llm_hash"):
+        assert trained.metadata[key] == built.metadata[key], key
+    assert trained.metadata["passage_prefix"] == "Document: "
+    manifest = json.loads((reused / "manifest.json").read_text())
+    assert manifest["sae"]["weights_sha256"] == trained.weights_sha256  # build --sae indexes with that very SAE
+
+
+def test_build_refuses_an_sae_trained_on_other_activations(tiny_llm_dir, small_corpus, tmp_path, capsys):
+    sae_dir = tmp_path / "sae"
+    assert main(["train", str(small_corpus), "-o", str(sae_dir), *tiny_args(tiny_llm_dir, "--window", "64")]) == 0
+    capsys.readouterr()
+    args = ["build", str(small_corpus), "-o", str(tmp_path / "idx"), "--sae", str(sae_dir), *tiny_args(tiny_llm_dir)]
+    assert main(args) == 2
+    assert "trained on window 64, the index uses window 256" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["search", str(tmp_path / "nowhere"), "query"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "manifest.json: missing" in err and "Traceback" not in err
+    assert main(["--debug", "search", str(tmp_path / "nowhere"), "query"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_k_is_hits_everywhere_and_sae_k_only_builds(capsys):
+    parser = make_parser()
+    assert parser.parse_args(["search", "idx", "q", "-k", "7"]).k == 7
+    assert parser.parse_args(["ask", "idx", "q", "-k", "2"]).k == 2
+    assert parser.parse_args(["demo", "-k", "5"]).k == 5
+    assert getattr(parser.parse_args(["build", "c", "-o", "o", "--sae-k", "8"]), "SaeConfig.k") == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["build", "c", "-o", "o", "-k", "8"])
+    capsys.readouterr()
+
+
+def test_option_help_and_choices_come_from_the_config_fields(capsys):
+    import re
+
+    from ragsae.config import SaeConfig, ScoringConfig, field_docs
+
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["build", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for cls, name in ((ScoringConfig, "pooling"), (SaeConfig, "k"), (SaeConfig, "num_latents")):
+        assert field_docs(cls)[name] in help_text, name
+    assert re.search(r"--pooling \{max,sum,log,count\}", help_text)
+    with pytest.raises(SystemExit) as exit_info:
+        make_parser().parse_args(["build", "c", "-o", "o", "--pooling", "mean"])
+    assert exit_info.value.code == 2

@@ -163,3 +163,30 @@ def test_load_rejects_corruption_and_versions(tmp_path):
         load_sae(folder)
     with pytest.raises(SaeLoadError, match="missing"):
         load_sae(tmp_path / "nothing")
+
+
+def test_low_precision_encoder_is_made_once_under_concurrent_use():
+    from concurrent.futures import ThreadPoolExecutor
+
+    sae = create_sae(small_config(num_latents=512, k=8), 32)
+    x = torch.randn(64, 32)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(lambda _: sae.encode(x, torch.bfloat16), range(16)))
+    reference = sae.encode(x, torch.bfloat16)
+    for values, indices in codes:
+        assert torch.equal(indices.sort(1).values, reference.indices.sort(1).values)
+        assert torch.equal(values.sort(1).values, reference.values.sort(1).values)
+
+
+def test_architectures_are_classes_chosen_by_the_registry(tmp_path):
+    from ragsae.errors import ConfigError
+    from ragsae.sae import ARCHITECTURES, KlSae, ReluSae, TopKSae
+
+    assert ARCHITECTURES == {"topk": TopKSae, "relu": ReluSae, "kl": KlSae}
+    for name, cls in ARCHITECTURES.items():
+        sae = create_sae(small_config(architecture=name), 32)
+        assert type(sae) is cls
+        sae.save(tmp_path / name)
+        assert type(load_sae(tmp_path / name)) is cls
+    with pytest.raises(ConfigError, match="implements 'relu'"):
+        ReluSae(small_config(architecture="topk"), 32)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from ..config import BuildConfig, optional_int
 from ..errors import ConfigError
 
-SWEEP_KEYS = {
+SWEEP_KEYS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "layer": ("capture", "layer", int),
     "window": ("capture", "window", int),
     "k": ("sae", "k", int),
@@ -40,7 +41,7 @@ def parse_sweep(items: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
         try:
             axes[name] = [cast(v) for v in values.split(",")]
         except ValueError:
-            raise ConfigError(f"sweep item {item!r}: values must be {cast.__name__}") from None
+            raise ConfigError(f"sweep item {item!r}: values must be {getattr(cast, '__name__', cast)}") from None
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 

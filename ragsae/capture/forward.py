@@ -165,5 +165,5 @@ def capture(
             handle.remove()
     for layer, values in out.items():
         if not np.isfinite(values).all():
-            raise FloatingPointError(f"layer {layer} activations overflow float16 storage")
+            raise ModelError(f"layer {layer} activations overflow float16 storage (try dtype float32 or another layer)")
     return {layer: TokenActivations(values, offsets) for layer, values in out.items()}

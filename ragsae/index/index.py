@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..config import BuildConfig, to_dict
+from ..config import BuildConfig, SearchMode, to_dict
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches
 from ..errors import IndexFolderError, QueryError
 from ..layout import SAE_DIR
@@ -175,7 +175,11 @@ class Index:
 
     @classmethod
     def load(
-        cls, path: str | Path, llm: LoadedLlm | None = None, mode: str | None = None, device: str | None = None
+        cls,
+        path: str | Path,
+        llm: LoadedLlm | None = None,
+        mode: SearchMode | None = None,
+        device: str | None = None,
     ) -> Index:
         """Open an index folder, verifying checksums, shapes, the SAE and the LLM against the manifest."""
         path = Path(path)

@@ -57,4 +57,5 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return _packed_product(x, self.packed, self.bias)
+        assert self.weight is not None  # dropped only where packed
         return F.linear(x, self.weight, self.bias)

@@ -183,15 +183,13 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False) -> LoadedL
     config = config or LlmConfig()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    if config.model is None:
-        source, gguf = str(default_gguf_folder()), DEFAULT_GGUF_FILE
-    else:
-        source, gguf = config.model, config.gguf_file
+    source = str(default_gguf_folder()) if config.model is None else config.model
+    gguf = DEFAULT_GGUF_FILE if config.model is None else config.gguf_file
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     logger.info("loading LLM %s%s on %s (%s)", source, f" [{gguf}]" if gguf else "", device, dtype)
     with quiet_loading(not progress):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -57,6 +57,8 @@ class SparseAutoencoder(nn.Module):
 
     architecture = ""
     """The `SaeConfig.architecture` value this class implements (the registry's key)."""
+    input_mean: torch.Tensor
+    input_scale: torch.Tensor
 
     def __init__(self, config: SaeConfig, d_model: int):
         super().__init__()
