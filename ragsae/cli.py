@@ -134,7 +134,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .index import Index
 
     index = Index.load(args.index, mode=args.mode, device=args.device)
-    print_hits(index.search(args.query, args.k), args.json)
+    print_hits(index.search(args.query, args.k, per_doc=args.per_doc), args.json)
     return 0
 
 
@@ -149,9 +149,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .index import read_manifest
+    from .index import read_manifest, verify_index_folder
 
-    print(json.dumps(read_manifest(args.index), indent=2))
+    manifest = read_manifest(args.index)
+    try:
+        verify_index_folder(args.index)
+        manifest["verified"] = True
+    except RagsaeError as error:
+        manifest["verified"] = False
+        manifest["verify_error"] = str(error)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .index import verify_index_folder
+
+    summary = verify_index_folder(args.index)
+    print(
+        f"{args.index}: OK ({summary['passages']} passages of {summary['documents']} documents, "
+        f"{summary['files_checked']} files checked against the manifest; LLM not loaded)"
+    )
     return 0
 
 
@@ -250,6 +268,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=SEARCH_MODES, help="override the index's scoring mode")
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
     p.add_argument("--json", action="store_true", help="print hits as JSON")
+    p.add_argument(
+        "--per-doc", action="store_true", help="one hit per document (its best passage) instead of per passage"
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ask", help="answer a question from the index, citing passages as [1], [2]")
@@ -261,9 +282,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("info", help="print an index's manifest")
+    p = sub.add_parser("info", help="print an index's manifest and whether the index verifies")
     p.add_argument("index", help="index folder")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "verify",
+        help="check an index folder completely without loading the LLM",
+        description="Verify the manifest's checksum, every file's checksum, shapes, values and the SAE.",
+    )
+    p.add_argument("index", help="index folder")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
         "train",

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -22,9 +28,133 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def temporary_sibling(path: Path) -> Path:
-    """A hidden name beside `path` to write to before renaming over it."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+logger = logging.getLogger(__name__)
+
+
+def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
+    """A hidden name beside `path` to write to before renaming over it: `.NAME.KIND-PID-TOKEN`, unique
+    per process and call (several threads may write one path), with the writer's PID so that a later
+    writer can tell a dead writer's leftovers from a live one's (`remove_stale_siblings`)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this PID exists (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Delete what killed writers of `path` left beside it (temporary and backup siblings whose writer
+    process is gone); returns what was removed. Siblings of live writers are left alone."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    removed = []
+    for sibling in path.parent.iterdir() if path.parent.is_dir() else ():
+        match = pattern.match(sibling.name)
+        if match and not pid_alive(int(match.group(2))):
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    if removed:
+        logger.info("removed %d leftover(s) of interrupted writes beside %s", len(removed), path)
+    return removed
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False where the system or
+    file system cannot, so that the caller falls back to two renames."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` and the folders themselves to disk (survives a power cut, not only a kill)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        descriptor = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` at `path`, replacing whatever folder was there, so that at every
+    instant `path` holds either the old folder or the new one: an atomic exchange where the system has
+    one; elsewhere the old folder is renamed to a backup sibling first (`recover_folder` puts it back
+    if the process dies between the two renames)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if exchange_paths(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+        return
+    backup = temporary_sibling(path, "old")
+    os.replace(path, backup)
+    os.replace(tmp, path)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def recover_folder(path: Path) -> bool:
+    """Where a fallback `replace_folder` died between its renames (`path` gone, its backup beside it),
+    put the backup back; True if it did."""
+    if path.exists() or not path.parent.is_dir():
+        return False
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.old-\d+-[0-9a-f]+$")
+    backups = sorted((p for p in path.parent.iterdir() if pattern.match(p.name)), key=lambda p: p.stat().st_mtime)
+    if not backups:
+        return False
+    os.replace(backups[-1], path)
+    logger.warning("restored %s from %s, left by an interrupted save", path, backups[-1].name)
+    return True
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A new temporary folder beside `path` to fill; when the block succeeds it replaces `path`
+    (`replace_folder`), when it fails it is deleted and `path` is untouched. Leftovers of writers
+    that were killed are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    tmp = temporary_sibling(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_folder(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def json_checksum(data: dict[str, Any]) -> str:
+    """SHA-256 of a JSON object's canonical form, its own `checksum` field left out."""
+    body = {key: value for key, value in data.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -54,20 +184,34 @@ def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-def read_versioned_json(path: str | Path, version: int, error: type[Exception], what: str) -> dict[str, Any]:
-    """JSON object of `path` whose `format_version` must equal `version`; else `error` naming the file."""
+def read_versioned_json(
+    path: str | Path,
+    versions: int | tuple[int, ...],
+    error: type[Exception],
+    what: str,
+    checksummed_from: int | None = None,
+) -> dict[str, Any]:
+    """JSON object of `path` whose `format_version` is one of `versions`, and whose `checksum` field
+    (`json_checksum`) must match from format version `checksummed_from` on; else `error` naming the file."""
     path = Path(path)
+    versions = (versions,) if isinstance(versions, int) else versions
     if not path.is_file():
         raise error(f"{path}: missing (not {what} written by ragsae?)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise error(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object")
     found = data.get("format_version")
-    if found != version:
-        raise error(f"{path}: format_version {found!r}; this ragsae reads {version}")
+    if isinstance(found, bool) or found not in versions:
+        raise error(f"{path}: format_version {found!r}; this ragsae reads {' or '.join(map(str, versions))}")
+    if checksummed_from is not None and found >= checksummed_from and data.get("checksum") != json_checksum(data):
+        raise error(f"{path}: checksum mismatch (a field was edited or the file is damaged)")
     return data
 
 

@@ -75,12 +75,60 @@ def test_reuse_sae_and_refuse_mismatch(built, tiny_build_config, tiny_llm, tmp_p
         Index.build(TOY_DOCS, None, other_layer, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
 
 
+def rewrite_manifest(folder, edit, checksum=True):
+    """Edit an index's manifest as a tool (recomputing its checksum) or by hand (not)."""
+    from ragsae.storage import json_checksum
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    if checksum:
+        manifest["checksum"] = json_checksum(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_refuses_other_llm(built, tmp_path, tiny_llm):
-    manifest_path = tmp_path / "idx" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["llm"]["model_hash"] = "0" * 64
-    manifest_path.write_text(json.dumps(manifest))
+    rewrite_manifest(tmp_path / "idx", lambda m: m["llm"].update(model_hash="0" * 64))
     with pytest.raises(IndexFolderError, match="built with LLM"):
+        Index.load(tmp_path / "idx", llm=tiny_llm)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["config"]["capture"].update(layer=3),
+        lambda m: m["config"]["scoring"].update(k1=-5.0),
+        lambda m: m.update(files={}),
+        lambda m: m["counts"].update(passages="many"),
+    ],
+    ids=["layer", "scoring", "no-files", "non-numeric"],
+)
+def test_any_edit_of_the_manifest_is_refused(built, tmp_path, tiny_llm, edit):
+    rewrite_manifest(tmp_path / "idx", edit, checksum=False)
+    with pytest.raises(IndexFolderError, match="manifest.json: checksum mismatch"):
+        Index.load(tmp_path / "idx", llm=tiny_llm)
+
+
+def test_a_consistent_but_invalid_manifest_is_refused_by_name(built, tmp_path, tiny_llm):
+    folder = tmp_path / "idx"
+    original = (folder / "manifest.json").read_text()
+    for edit, message in (
+        (lambda m: m.update(files={}), "must list exactly"),
+        (lambda m: m["counts"].update(passages="many"), "'counts.passages' has the wrong type"),
+        (lambda m: m["config"]["scoring"].update(k1=float("nan")), "k1 must be a finite number"),
+        (lambda m: m["config"]["capture"].update(layer=3), "'layer' disagrees"),
+    ):
+        (folder / "manifest.json").write_text(original)
+        rewrite_manifest(folder, edit)
+        with pytest.raises(IndexFolderError, match=message):
+            Index.load(folder, llm=tiny_llm)
+
+
+def test_the_sae_config_is_covered_by_a_checksum(built, tmp_path, tiny_llm):
+    config = tmp_path / "idx" / "sae" / "config.json"
+    header = json.loads(config.read_text())
+    header["config"]["k"] = 4
+    config.write_text(json.dumps(header))
+    with pytest.raises(IndexFolderError, match=r"sae/config\.json: checksum mismatch"):
         Index.load(tmp_path / "idx", llm=tiny_llm)
 
 
@@ -90,9 +138,7 @@ def test_detects_corruption_and_version(built, tmp_path, tiny_llm):
         handle.write("\n")
     with pytest.raises(IndexFolderError, match=r"passages\.jsonl: checksum mismatch"):
         Index.load(folder, llm=tiny_llm)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format_version"] = 42
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(folder, lambda m: m.update(format_version=42))
     with pytest.raises(IndexFolderError, match="format_version 42"):
         Index.load(folder, llm=tiny_llm)
     with pytest.raises(IndexFolderError, match="missing"):

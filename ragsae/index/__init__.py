@@ -2,8 +2,18 @@
 
 from ..errors import IndexFolderError
 from .build import BuiltCodes, encode_corpus
-from .folder import occupied, read_manifest
+from .folder import check_writable, occupied, read_manifest, verify_index_folder
 from .hit import Hit
 from .index import Index
 
-__all__ = ["BuiltCodes", "Hit", "Index", "IndexFolderError", "encode_corpus", "occupied", "read_manifest"]
+__all__ = [
+    "BuiltCodes",
+    "Hit",
+    "Index",
+    "IndexFolderError",
+    "check_writable",
+    "encode_corpus",
+    "occupied",
+    "read_manifest",
+    "verify_index_folder",
+]

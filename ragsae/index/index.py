@@ -21,7 +21,7 @@ from ..sae import SparseAutoencoder, TrainReport
 from ..storage import storage_precision
 from ..text import Passage
 from .build import encode_corpus
-from .folder import occupied, read_index_folder, read_manifest, write_index_folder
+from .folder import check_writable, read_index_folder, read_manifest, write_index_folder
 from .hit import Hit
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class Index:
             cache_dir: where to cache captured activations (None: no cache).
         """
         config = config or BuildConfig()
-        if path is not None and occupied(path) and not overwrite:
-            raise IndexFolderError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+        if path is not None:
+            check_writable(path, overwrite, Path(corpus) if isinstance(corpus, (str, Path)) else None)
         built = encode_corpus(corpus, config, sae, llm, skip_empty, cache_dir, progress)
         index = cls(built.encoder, built.passages, built.pooled, built.config, sae_report=built.sae_report)
         if path is not None:
@@ -103,22 +103,26 @@ class Index:
         """Pooled codes (n_queries, num_latents) of query texts."""
         return self.encoder.encode_queries(queries).codes
 
-    def search(self, query: str, k: int = 10, mode: str | None = None) -> list[Hit]:
-        """Top-k passages for one query, with scores, document ids and contributing latents."""
-        return self.batch_search([query], k, mode)["0"]
+    def search(self, query: str, k: int = 10, mode: str | None = None, per_doc: bool = False) -> list[Hit]:
+        """Top-k passages for one query, with scores, document ids and contributing latents;
+        `per_doc` keeps only each document's best passage (k documents)."""
+        return self.batch_search([query], k, mode, per_doc)["0"]
 
     def batch_search(
-        self, queries: dict[str, str] | list[str], k: int = 10, mode: str | None = None
+        self, queries: dict[str, str] | list[str], k: int = 10, mode: str | None = None, per_doc: bool = False
     ) -> dict[str, list[Hit]]:
         """Top-k passages per query; `queries` is {qid: text} or a list (then qids are "0", "1", ...).
 
-        `Hit.latents` always explains the exact sparse score, whatever the mode ranked by.
+        With `per_doc`, hits are collapsed to each document's best passage, so that one long document
+        cannot fill the results. `Hit.latents` always explains the exact sparse score, whatever the
+        mode ranked by.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"k must be a whole number >= 1, got {k!r}")
-        k = min(int(k), len(self.passages))  # no more hits than passages, however large k is
         if isinstance(queries, list):
             queries = {str(i): q for i, q in enumerate(queries)}
+        if not isinstance(queries, dict):
+            raise QueryError(f"queries must be a list or a dict of strings, got {type(queries).__name__}")
         if not queries:
             return {}
         for qid, text in queries.items():
@@ -128,12 +132,21 @@ class Index:
                 raise QueryError(f"query {qid!r} is empty")
         qcodes = self.encode_queries(list(queries.values()))
         weights = self.retriever.query_weights(qcodes)
-        scores, ids = self.retriever.search(qcodes, k, mode, weights)
+        n = len(self.passages)
+        depth = min(int(k), n)  # no more hits than passages, however large k is
+        if per_doc:
+            depth = min(n, max(4 * depth, 100))
+        while True:
+            scores, ids = self.retriever.search(qcodes, depth, mode, weights)
+            chosen = [self._keep(row_ids, k, per_doc) for row_ids in ids]
+            # Per document, search deeper until each query has k documents or every passage was seen.
+            if not per_doc or depth == n or all(len(rows) == k for rows in chosen):
+                break
+            depth = min(n, 4 * depth)
         top = self.config.scoring.explain_top
         results: dict[str, list[Hit]] = {}
         for row, qid in enumerate(queries):
-            found = ids[row] >= 0  # -1 pads fewer than k hits
-            pids, hit_scores = ids[row][found], scores[row][found]
+            pids, hit_scores = ids[row][chosen[row]], scores[row][chosen[row]]
             explained = self.retriever.explain(weights[row], pids, top)
             results[qid] = [
                 Hit(
@@ -148,12 +161,26 @@ class Index:
             ]
         return results
 
+    def _keep(self, ids: np.ndarray, k: int, per_doc: bool) -> np.ndarray:
+        """Positions in one query's ranked `ids` to return: the first k real hits (-1 pads), or with
+        `per_doc` the first k passages of distinct documents."""
+        if not per_doc:
+            return np.flatnonzero(ids >= 0)[:k]
+        seen: set[str] = set()
+        kept = []
+        for position, pid in enumerate(ids.tolist()):
+            if pid >= 0 and self.passages[pid].doc_id not in seen:
+                seen.add(self.passages[pid].doc_id)
+                kept.append(position)
+                if len(kept) == k:
+                    break
+        return np.array(kept, dtype=np.int64)
+
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the index folder atomically (`index/folder.py`)."""
         path = Path(path)
-        if occupied(path) and not overwrite:
-            raise IndexFolderError(f"{path}: already exists (pass overwrite=True to replace it)")
+        check_writable(path, overwrite)
         self.path = write_index_folder(
             path,
             self.llm,

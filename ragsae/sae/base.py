@@ -6,7 +6,6 @@ An architecture (`topk.py`, `relu.py`, `kl.py`) adds its training loss as `forwa
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,7 +19,7 @@ from ..config import SaeConfig, to_dict
 from ..errors import ConfigError
 from ..layout import SAE_CONFIG_FILE, SAE_FORMAT_VERSION, SAE_WEIGHTS_FILE
 from ..lm.linear import Linear
-from ..storage import file_sha256, write_json_atomic
+from ..storage import atomic_folder, file_sha256, json_checksum, write_json_atomic
 
 
 class TopK(NamedTuple):
@@ -156,14 +155,16 @@ class SparseAutoencoder(nn.Module):
 
     # --- persistence -------------------------------------------------------------------
     def save(self, path: str | Path) -> str:
-        """Write `config.json` + `model.safetensors` into folder `path` atomically; returns the weights hash."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write folder `path` (`config.json` + `model.safetensors`, replacing what was there) atomically:
+        a crash leaves the old folder or the new one, never a mix. Returns the weights' SHA-256."""
+        with atomic_folder(path) as tmp:
+            return self._write(tmp)
+
+    def _write(self, folder: Path) -> str:
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        tmp_weights = path / f".{SAE_WEIGHTS_FILE}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp_weights))
-        digest = file_sha256(tmp_weights)
-        header = {
+        save_file(tensors, str(folder / SAE_WEIGHTS_FILE))
+        digest = file_sha256(folder / SAE_WEIGHTS_FILE)
+        header: dict[str, Any] = {
             "format_version": SAE_FORMAT_VERSION,
             "architecture": self.architecture,
             "d_model": self.d_model,
@@ -173,7 +174,7 @@ class SparseAutoencoder(nn.Module):
             "weights_sha256": digest,
             "metadata": self.metadata,
         }
-        write_json_atomic(path / SAE_CONFIG_FILE, header)
-        os.replace(tmp_weights, path / SAE_WEIGHTS_FILE)
+        header["checksum"] = json_checksum(header)
+        write_json_atomic(folder / SAE_CONFIG_FILE, header)
         self.weights_sha256 = digest
         return digest

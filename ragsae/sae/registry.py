@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from ..config import SAE_ARCHITECTURES, SaeConfig, from_dict
 from ..errors import RagsaeError, SaeLoadError
-from ..layout import SAE_CONFIG_FILE, SAE_FORMAT_VERSION, SAE_WEIGHTS_FILE
+from ..layout import SAE_CONFIG_FILE, SAE_READABLE_VERSIONS, SAE_WEIGHTS_FILE
 from ..storage import file_sha256, read_versioned_json
 from .base import SparseAutoencoder
 from .kl import KlSae
@@ -30,7 +30,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
     shapes, checksum), in eval mode on `device`."""
     path = Path(path)
     weights_path = path / SAE_WEIGHTS_FILE
-    header = read_versioned_json(path / SAE_CONFIG_FILE, SAE_FORMAT_VERSION, SaeLoadError, "an SAE folder")
+    header = read_versioned_json(
+        path / SAE_CONFIG_FILE, SAE_READABLE_VERSIONS, SaeLoadError, "an SAE folder", checksummed_from=2
+    )
     if not weights_path.is_file():
         raise SaeLoadError(f"{weights_path}: missing")
     digest = file_sha256(weights_path)
@@ -39,6 +41,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
     try:
         config = from_dict(SaeConfig, header["config"])
         d_model = int(header["d_model"])
+        if d_model < 1:
+            raise ValueError(f"d_model {d_model}")
     except (KeyError, TypeError, ValueError, RagsaeError) as error:
         raise SaeLoadError(f"{path / SAE_CONFIG_FILE}: bad field ({error})") from None
     if header.get("architecture", config.architecture) != config.architecture:
@@ -52,6 +56,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
     if expected != got:
         raise SaeLoadError(f"{weights_path}: tensor shapes {got} do not match config {expected}")
     sae.load_state_dict(tensors)
-    sae.metadata = header.get("metadata", {})
+    metadata = header.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise SaeLoadError(f"{path / SAE_CONFIG_FILE}: field 'metadata' must be an object")
+    sae.metadata = metadata
     sae.weights_sha256 = digest
     return sae.to(device).eval()
