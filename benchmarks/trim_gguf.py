@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         write_trimmed(default_gguf_folder() / DEFAULT_GGUF_FILE, Path(tmp) / name, args.layer + 1, kept)
-        trimmed = load_llm(LlmConfig(model=tmp, gguf_file=name, device="cpu"))
+        trimmed = load_llm(LlmConfig(model=tmp, gguf_file=name, device="cpu"), cache=False)  # a throwaway file
         for texts, prefix in feeds:
             sample = texts[:: max(1, len(texts) // args.sample)]
             a = capture(full, sample, [args.layer], cap.window, cap.batch_size, prefix)[args.layer].values

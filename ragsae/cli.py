@@ -174,17 +174,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .capture import check_layer
     from .encode import fit_sae, passage_activations
+    from .index.build import check_enough_tokens
     from .index.folder import occupied
     from .lm import load_llm
+    from .lm.loading import check_declared_layer
     from .text import load_documents, split_passages
 
     if occupied(args.output) and not args.overwrite:
         raise RagsaeError(f"{args.output}: already exists (pass --overwrite to replace it)")
     config = build_config(args)
     documents = load_documents(args.corpus, args.skip_empty)
+    check_declared_layer(config.llm, config.capture.layer)
     llm = load_llm(config.llm, progress=True)
+    check_layer(llm, config.capture.layer)
     passages = split_passages(documents, llm.tokenizer, config.capture.window, config.capture.overlap)
+    check_enough_tokens(llm, passages, config)
     texts = [p.text for p in passages]
     acts = passage_activations(llm, texts, config.capture, progress=True)
     sae, report = fit_sae(llm, texts, acts, config.capture, config.sae, progress=True)
@@ -344,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # what the LLM load is doing (it is the slow part of a command) is always shown
+        loading = logging.getLogger("ragsae.lm.loading")
+        if not loading.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            loading.addHandler(handler)
+            loading.setLevel(logging.INFO)
+            loading.propagate = False
     try:
         return args.func(args)
     except RagsaeError as error:

@@ -13,6 +13,7 @@ import functools
 import inspect
 import math
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -60,20 +61,39 @@ def field_choices(cls: type, name: str) -> tuple[Any, ...] | None:
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
-def check_choice(owner: Any, name: str) -> None:
-    """ConfigError unless `owner.name` is one of its `Literal` type's values."""
-    choices = field_choices(type(owner), name)
-    value = getattr(owner, name)
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def check_numbers(owner: Any) -> None:
     """ConfigError for a float field that is NaN or infinite (no range check catches those)."""
     for f in dataclasses.fields(owner):
         value = getattr(owner, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """True when `value` is of the type `hint` names (str, int, float, bool, Literal, X | None, configs)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def check_types(owner: Any) -> None:
+    """ConfigError naming the first field whose value is not of its annotated type (configs read from
+    JSON may hold anything)."""
+    for name, hint in typing.get_type_hints(type(owner)).items():
+        value = getattr(owner, name)
+        if not _fits(value, hint):
+            choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            expected = f"one of {choices}" if choices else getattr(hint, "__name__", str(hint))
+            raise ConfigError(f"{name} must be {expected}, got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -110,7 +130,7 @@ class LlmConfig:
     """'auto' (bfloat16 on CUDA and on CPUs with native bfloat16, else float32), 'float32', 'bfloat16' or 'float16'."""
 
     def __post_init__(self) -> None:
-        check_choice(self, "dtype")
+        check_types(self)
 
 
 @dataclass(frozen=True)
@@ -133,7 +153,7 @@ class CaptureConfig:
     """Function words fed with a query but left out of its codes: 'english' or 'none'."""
 
     def __post_init__(self) -> None:
-        check_choice(self, "query_stopwords")
+        check_types(self)
         if self.layer < 0:
             raise ConfigError(f"layer must be >= 0, got {self.layer}")
         if self.window < 8:
@@ -180,7 +200,7 @@ class SaeConfig:
     """Seed for initialisation and shuffling."""
 
     def __post_init__(self) -> None:
-        check_choice(self, "architecture")
+        check_types(self)
         check_numbers(self)
         if self.num_latents < 1 or not 0 < self.k <= self.num_latents:
             raise ConfigError(f"need 0 < k <= num_latents, got k={self.k}, num_latents={self.num_latents}")
@@ -221,8 +241,7 @@ class ScoringConfig:
     """Latents reported per hit as the strongest contributors."""
 
     def __post_init__(self) -> None:
-        for name in ("pooling", "mode", "feedback_weighting"):
-            check_choice(self, name)
+        check_types(self)
         check_numbers(self)
         if self.max_latents is not None and self.max_latents < 1:
             raise ConfigError(f"max_latents must be >= 1 or None, got {self.max_latents}")

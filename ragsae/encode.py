@@ -174,6 +174,20 @@ class CodeEncoder:
         codes = chunks[0] if len(chunks) == 1 else sp.vstack(chunks, format="csr")
         return PooledCodes(codes, acts.lengths().astype(np.float32))
 
+    def warn_if_cut(self, queries: list[str]) -> None:
+        """Log a warning for each query longer than the capture window: only its first `window` tokens
+        are read (passages are split to fit; a query is not)."""
+        with self.llm.lock:
+            counts = [len(ids) for ids in self.llm.tokenizer(queries, add_special_tokens=False)["input_ids"]]
+        for query, count in zip(queries, counts):
+            if count > self.capture.window:
+                logger.warning(
+                    "query of %d tokens cut to the first %d (CaptureConfig.window): %r...",
+                    count,
+                    self.capture.window,
+                    query[:60],
+                )
+
     def encode_documents(self, texts: list[str], progress: bool = False) -> PooledCodes:
         """Pooled codes of passages."""
         acts = passage_activations(self.llm, texts, self.capture, self.cache, progress)
@@ -183,6 +197,7 @@ class CodeEncoder:
         """Pooled codes of queries: the prefix and stopwords are fed to the LLM but left out of the codes.
         Never cached: queries are few and each is new."""
         cfg = self.capture
+        self.warn_if_cut(texts)
         stopwords = STOPWORD_LISTS[cfg.query_stopwords]
         acts = capture(self.llm, texts, [cfg.layer], cfg.window, cfg.batch_size, cfg.query_prefix, progress, stopwords)
         return self.pool_activations(acts[cfg.layer], progress)

@@ -134,9 +134,9 @@ def recover_folder(path: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """A new temporary folder beside `path` to fill; when the block succeeds it replaces `path`
-    (`replace_folder`), when it fails it is deleted and `path` is untouched. Leftovers of writers
-    that were killed are removed first."""
+    """A new temporary folder beside `path` to fill; when the block succeeds its permissions are made
+    those of the umask and it replaces `path` (`replace_folder`), when it fails it is deleted and
+    `path` is untouched. Leftovers of writers that were killed are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
@@ -144,11 +144,39 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        apply_umask(tmp)
         fsync_tree(tmp)
         replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it where Linux reports it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, then restored at once
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give everything under `folder` the permissions a plain file or folder made now would have: some
+    writers (safetensors) create files readable by their owner only, which other users of an index
+    could then not load."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def json_checksum(data: dict[str, Any]) -> str:

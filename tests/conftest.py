@@ -28,6 +28,22 @@ TOY_DOCS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def llm_cache_dir(tmp_path_factory):
+    """De-quantised GGUF models are cached for this session only (never in the home folder); subprocesses
+    (the notebook kernel, CLI runs) inherit the variable."""
+    from ragsae.lm.weights_cache import CACHE_DIR_ENV
+
+    folder = tmp_path_factory.mktemp("ragsae-cache")
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = previous
+
+
 @pytest.fixture(autouse=True)
 def seed_everything():
     random.seed(0)

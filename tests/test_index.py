@@ -193,3 +193,34 @@ def test_passage_prefix_is_read_but_not_coded(built):
     np.testing.assert_allclose(
         encoder.encode_documents([text]).codes.toarray(), built.pooled.codes[0].toarray(), rtol=0.06, atol=4e-3
     )
+
+
+def test_bad_layer_and_too_little_text_fail_before_the_slow_work(tiny_build_config, monkeypatch):
+    import ragsae.encode as encode_module
+    import ragsae.index.build as build_module
+    from ragsae.errors import ModelError, TrainingError
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached the slow part")
+
+    bad_layer = BuildConfig(
+        tiny_build_config.llm, CaptureConfig(layer=12), tiny_build_config.sae, tiny_build_config.scoring
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(build_module, "load_llm", never)  # a local model folder declares its layers
+        with pytest.raises(ModelError, match=r"layer 12 does not exist: .* has layers 0\.\.4"):
+            Index.build(TOY_DOCS, None, bad_layer)
+    monkeypatch.setattr(encode_module, "capture_cached", never)
+    with pytest.raises(TrainingError, match="fewer than one SAE training batch of 32 training tokens"):
+        Index.build(TOY_DOCS[:1], None, tiny_build_config)
+
+
+def test_index_files_get_the_umask_permissions(built, tmp_path):
+    import stat
+
+    from ragsae.storage import current_umask
+
+    mask = current_umask()
+    for path in (tmp_path / "idx").rglob("*"):
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask  # safetensors alone would write 0600
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

@@ -1,8 +1,16 @@
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
 from ragsae.capture import ActivationCache, activations_id
+from ragsae.config import LlmConfig
 from ragsae.lm import loading as llm_module
-from ragsae.lm.loading import LoadedLlm, resolve_dtype
+from ragsae.lm import weights_cache
+from ragsae.lm.loading import DEFAULT_MODEL_ID, LoadedLlm, load_llm, resolve_dtype
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
@@ -21,3 +29,194 @@ def test_activation_cache_tells_dtypes_apart(tmp_path):
     assert fp32.activation_key == "abc|float32" and bf16.activation_key == "abc|bfloat16"
     cache = ActivationCache(tmp_path)
     assert cache.entry(activations_id(fp32, 8, 256, "", "t")) != cache.entry(activations_id(bf16, 8, 256, "", "t"))
+
+
+# The de-quantised GGUF cache (ragsae/lm/weights_cache.py). Every test points RAGSAE_CACHE_DIR at a
+# temporary folder, so none writes to the home folder.
+
+CACHE_TEXTS = [
+    "How do I read a CSV file row by row?",
+    "The json module encodes and decodes JavaScript Object Notation data.",
+    "Zip archives, sockets and 日本語 🙂",
+]
+
+
+def cached_activations(llm: LoadedLlm) -> dict:
+    from ragsae.capture import capture
+
+    return capture(llm, CACHE_TEXTS, [1, 2], window=32, batch_size=2, prefix="Document: ")
+
+
+def assert_same_llm(a: LoadedLlm, b: LoadedLlm) -> None:
+    """Same identity, same weights, same tokens, and activations equal bit for bit."""
+    assert (a.model_id, a.model_hash, a.dtype) == (b.model_id, b.model_hash, b.dtype)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[name], sb[name]) for name in sa)
+    assert [a.tokenizer(t)["input_ids"] for t in CACHE_TEXTS] == [b.tokenizer(t)["input_ids"] for t in CACHE_TEXTS]
+    acts_a, acts_b = cached_activations(a), cached_activations(b)
+    for layer in acts_a:
+        assert np.array_equal(acts_a[layer].offsets, acts_b[layer].offsets)
+        assert np.array_equal(acts_a[layer].values, acts_b[layer].values)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "ragsae-cache"
+    monkeypatch.setenv("RAGSAE_CACHE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, tiny_llm_dir, monkeypatch):
+    """A folder with a stand-in `tiny.gguf` whose "GGUF load" is the tiny Llama's: load_llm's cache
+    logic runs as for a real GGUF file, without the minute a real one takes. Returns (config, calls),
+    calls listing each load of the GGUF file."""
+    folder = tmp_path / "gguf-model"
+    folder.mkdir()
+    (folder / "tiny.gguf").write_bytes(b"GGUF stand-in for the tiny Llama")
+    real = llm_module.from_pretrained
+    calls: list[str] = []
+
+    def from_pretrained(source, dtype, gguf_file):
+        if gguf_file is None:
+            return real(source, dtype, None)
+        assert Path(source, gguf_file).is_file()
+        calls.append(gguf_file)
+        return real(str(tiny_llm_dir), dtype, None)
+
+    monkeypatch.setattr(llm_module, "from_pretrained", from_pretrained)
+    return LlmConfig(model=str(folder), gguf_file="tiny.gguf", device="cpu", dtype="float32"), calls
+
+
+def the_entry(cache_dir: Path) -> Path:
+    (entry,) = (cache_dir / weights_cache.LLM_SUBDIR).iterdir()
+    return entry
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGSAE_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert weights_cache.cache_root() == tmp_path / "mine"
+    monkeypatch.delenv("RAGSAE_CACHE_DIR")
+    assert weights_cache.cache_root() == tmp_path / "xdg" / "ragsae"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert weights_cache.cache_root() == Path.home() / ".cache" / "ragsae"
+
+
+def test_cache_entry_round_trip_is_bit_identical(cache_dir, tiny_llm_dir):
+    config = LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32")
+    llm = load_llm(config)
+    digest = "ab" * 32
+    assert weights_cache.find_entry(digest, torch.float32) is None
+    entry = weights_cache.write_entry(llm.model, llm.tokenizer, digest, torch.float32)
+    assert entry == weights_cache.entry_path(digest, torch.float32) and entry.parent.parent == cache_dir
+    assert weights_cache.find_entry(digest, torch.float32) == entry
+    assert weights_cache.find_entry(digest, torch.bfloat16) is None  # the dtype is part of the key
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary folder left behind
+    assert weights_cache.write_entry(llm.model, llm.tokenizer, digest, torch.float32) == entry  # a good one stays
+    stamp = json.loads((entry / weights_cache.STAMP_FILE).read_text())
+    assert stamp["files"][weights_cache.WEIGHTS_FILE] == (entry / weights_cache.WEIGHTS_FILE).stat().st_size
+    loaded = llm_module.load_cached(digest, torch.float32)
+    assert loaded is not None
+    tokenizer, model = loaded
+    assert_same_llm(llm, LoadedLlm(model.eval(), tokenizer, llm.model_id, llm.model_hash, llm.device, llm.dtype))
+
+
+def test_gguf_load_is_cached_and_keeps_its_identity(cache_dir, fake_gguf, monkeypatch):
+    config, calls = fake_gguf
+    hashed: list[Path] = []
+    real_sha256 = llm_module.file_sha256
+    monkeypatch.setattr(llm_module, "file_sha256", lambda path: hashed.append(Path(path)) or real_sha256(path))
+    cold = load_llm(config)
+    assert calls == ["tiny.gguf"] and len(hashed) == 1  # the GGUF file is read for its hash once
+    warm = load_llm(config)
+    assert calls == ["tiny.gguf"] and len(hashed) == 2  # the second load reads the cache, not the GGUF file
+    assert (cold.model_id, cold.model_hash) == llm_module.model_fingerprint(config)
+    assert cold.model_id.endswith("/tiny.gguf")
+    assert_same_llm(cold, warm)
+    assert weights_cache.find_entry(real_sha256(Path(config.model, "tiny.gguf")), torch.float32) == the_entry(cache_dir)
+
+
+def test_load_without_cache_neither_reads_nor_writes_it(cache_dir, fake_gguf):
+    config, calls = fake_gguf
+    load_llm(config, cache=False)
+    load_llm(config, cache=False)
+    assert calls == ["tiny.gguf", "tiny.gguf"] and not cache_dir.exists()
+
+
+def truncate_weights(entry: Path) -> None:
+    weights = entry / weights_cache.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def drop_stamp(entry: Path) -> None:
+    (entry / weights_cache.STAMP_FILE).unlink()
+
+
+def garble_stamp(entry: Path) -> None:
+    (entry / weights_cache.STAMP_FILE).write_text('{"format_version": 1, "gguf_sha')
+
+
+def other_transformers(entry: Path) -> None:
+    stamp = json.loads((entry / weights_cache.STAMP_FILE).read_text())
+    (entry / weights_cache.STAMP_FILE).write_text(json.dumps({**stamp, "transformers": "0.0.1"}))
+
+
+def garble_weights_header(entry: Path) -> None:
+    """Same size, so the stamp still matches: only reading the weights finds it out."""
+    with open(entry / weights_cache.WEIGHTS_FILE, "r+b") as handle:
+        handle.write(b"\xff" * 16)
+
+
+def drop_tokenizer(entry: Path) -> None:
+    (entry / "tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage", [truncate_weights, drop_stamp, garble_stamp, other_transformers, garble_weights_header, drop_tokenizer]
+)
+def test_a_bad_cache_entry_is_not_used_but_rebuilt(cache_dir, fake_gguf, damage, caplog):
+    config, calls = fake_gguf
+    cold = load_llm(config)
+    entry = the_entry(cache_dir)
+    damage(entry)
+    with caplog.at_level(logging.WARNING, logger="ragsae.lm"):
+        rebuilt = load_llm(config)
+    assert calls == ["tiny.gguf", "tiny.gguf"]  # the GGUF file was loaded again
+    assert str(entry) in caplog.text
+    assert the_entry(cache_dir) == entry and [p.name for p in entry.parent.iterdir()] == [entry.name]
+    digest = json.loads((entry / weights_cache.STAMP_FILE).read_text())["gguf_sha256"]
+    assert weights_cache.find_entry(digest, torch.float32) == entry
+    warm = load_llm(config)
+    assert calls == ["tiny.gguf", "tiny.gguf"]  # and the rebuilt entry serves the next load
+    assert_same_llm(cold, rebuilt)
+    assert_same_llm(cold, warm)
+
+
+def test_an_unwritable_cache_falls_back_to_the_gguf_load(tmp_path, fake_gguf, monkeypatch, caplog):
+    config, calls = fake_gguf
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")  # unwritable even for root
+    monkeypatch.setenv("RAGSAE_CACHE_DIR", str(blocker / "cache"))
+    with caplog.at_level(logging.WARNING, logger="ragsae.lm"):
+        first = load_llm(config)
+        second = load_llm(config)
+    assert calls == ["tiny.gguf", "tiny.gguf"]
+    assert "cannot cache the de-quantised LLM" in caplog.text
+    assert_same_llm(first, second)
+
+
+@pytest.mark.slow
+def test_bundled_gguf_cache_gives_bit_identical_activations(cache_dir):
+    config = LlmConfig(device="cpu")
+    cold = load_llm(config)  # de-quantises the GGUF file and writes the cache
+    entry = the_entry(cache_dir)
+    assert entry.name.startswith(cold.model_hash)
+    warm = load_llm(config)
+    assert (cold.model_id, cold.model_hash) == (DEFAULT_MODEL_ID, llm_module.model_fingerprint(config)[1])
+    assert_same_llm(cold, warm)
+    assert cold.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    ) == warm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )

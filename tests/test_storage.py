@@ -103,3 +103,22 @@ def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
         handle.write("half")
         raise RuntimeError("interrupted")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.md"]
+
+
+def test_atomic_folders_get_the_umask_permissions_whatever_wrote_them(tmp_path):
+    import os
+    import stat
+
+    from ragsae.storage import atomic_folder
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "out") as folder:
+            (folder / "private").write_text("x")
+            os.chmod(folder / "private", 0o600)  # as safetensors creates its files
+            (folder / "sub").mkdir(mode=0o700)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out" / "private").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

@@ -11,7 +11,9 @@ from typing import Any
 from ..capture import ActivationCache, check_layer
 from ..config import BuildConfig
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
+from ..errors import TrainingError
 from ..lm import LoadedLlm, load_llm
+from ..lm.loading import check_declared_layer
 from ..sae import SparseAutoencoder, TrainReport, load_sae
 from ..text import Passage, load_documents, split_passages
 
@@ -30,6 +32,19 @@ class BuiltCodes:
     sae_report: TrainReport | None
 
 
+def check_enough_tokens(llm: LoadedLlm, passages: list[Passage], config: BuildConfig) -> None:
+    """TrainingError before any capture when the passages hold fewer tokens than one SAE training batch."""
+    with llm.lock:
+        counts = [len(ids) for ids in llm.tokenizer([p.text for p in passages], add_special_tokens=False)["input_ids"]]
+    tokens = sum(min(count, config.capture.window) for count in counts)
+    if tokens < config.sae.batch_size:
+        raise TrainingError(
+            f"the corpus holds {tokens} tokens, fewer than one SAE training batch of {config.sae.batch_size} "
+            "training tokens (SaeConfig.batch_size, --sae-batch-size): add text, lower the batch size, or pass "
+            "a trained SAE (--sae)"
+        )
+
+
 def encode_corpus(
     corpus: str | Path | Iterable[Any],
     config: BuildConfig,
@@ -46,13 +61,17 @@ def encode_corpus(
     """
     documents = load_documents(corpus, skip_empty=skip_empty)
     given = sae if isinstance(sae, SparseAutoencoder) else (load_sae(sae) if sae is not None else None)
-    llm = llm or load_llm(config.llm, progress)
+    if llm is None:
+        check_declared_layer(config.llm, config.capture.layer)
+        llm = load_llm(config.llm, progress)
     check_layer(llm, config.capture.layer)
     if given is not None:
         check_sae_matches(given, llm, config.capture, str(sae) if not isinstance(sae, SparseAutoencoder) else "(given)")
         config = replace(config, sae=given.config)
     passages = split_passages(documents, llm.tokenizer, config.capture.window, config.capture.overlap)
     logger.info("%d documents -> %d passages", len(documents), len(passages))
+    if given is None:
+        check_enough_tokens(llm, passages, config)
     cache = ActivationCache(cache_dir) if cache_dir else None
     texts = [p.text for p in passages]
     acts = passage_activations(llm, texts, config.capture, cache, progress)

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from ..config import LlmConfig
 from ..errors import ModelError
 from ..storage import file_sha256
+from . import weights_cache
 from .trunk import LlamaTrunk, trunk_unsupported_reason
 
 logger = logging.getLogger(__name__)
@@ -64,11 +66,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def model_fingerprint(config: LlmConfig) -> tuple[str, str]:
-    """(model id, content hash) that identify the LLM in manifests and caches."""
+def local_gguf(config: LlmConfig) -> Path | None:
+    """The GGUF file on disk that `config` loads (the bundled one, or `gguf_file` in a local folder), or
+    None (a Hugging Face folder, or a hub id, whose files transformers resolves)."""
+    if config.model is None:
+        return default_gguf_folder() / DEFAULT_GGUF_FILE
+    if config.gguf_file is None or not Path(config.model).is_dir():
+        return None
+    path = Path(config.model) / config.gguf_file
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file not found (gguf_file {config.gguf_file!r} in model folder {config.model})")
+    return path
+
+
+def model_fingerprint(config: LlmConfig, gguf_sha256: str | None = None) -> tuple[str, str]:
+    """(model id, content hash) that identify the LLM in manifests and caches.
+
+    `gguf_sha256`: the SHA-256 of `local_gguf(config)` when the caller has it already, so that a load
+    reads the file for its hash once."""
     if config.model is None:
         path = default_gguf_folder() / DEFAULT_GGUF_FILE
-        return DEFAULT_MODEL_ID, file_sha256(path)
+        return DEFAULT_MODEL_ID, gguf_sha256 or file_sha256(path)
     local = Path(config.model)
     if local.is_dir():
         files = (
@@ -79,7 +97,7 @@ def model_fingerprint(config: LlmConfig) -> tuple[str, str]:
         digest = hashlib.sha256()
         for path in files:
             digest.update(path.name.encode())
-            digest.update(file_sha256(path).encode())
+            digest.update((gguf_sha256 if config.gguf_file and gguf_sha256 else file_sha256(path)).encode())
         model_id = str(local.resolve()) + (f"/{config.gguf_file}" if config.gguf_file else "")
         return model_id, digest.hexdigest()
     # A hub id: the revision cached locally is the best identity we have offline.
@@ -176,24 +194,132 @@ class _DropPackedGgufWarning(logging.Filter):
 logging.getLogger("transformers.quantizers.quantizer_gguf").addFilter(_DropPackedGgufWarning())
 
 
-def load_llm(config: LlmConfig | None = None, progress: bool = False) -> LoadedLlm:
-    """Load tokenizer and model on the configured device, in eval mode."""
+def declared_layers(config: LlmConfig) -> int | None:
+    """The model's number of transformer blocks, read without loading it, where that is cheap: from a
+    local folder's config.json, or from the cached copy of a GGUF file loaded before; else None."""
+    import json
+
+    gguf_path = local_gguf(config)
+    if gguf_path is not None:
+        digest = file_sha256(gguf_path)
+        entries = (weights_cache.entry_path(digest, dtype) for dtype in (torch.bfloat16, torch.float32, torch.float16))
+        folder = next((entry for entry in entries if entry.is_dir()), None)
+    else:
+        folder = Path(config.model) if config.model is not None and Path(config.model).is_dir() else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        layers = json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+
+
+def check_declared_layer(config: LlmConfig, layer: int) -> None:
+    """ModelError before any loading when the model is known not to have `layer` (see `declared_layers`)."""
+    layers = declared_layers(config)
+    if layers is not None and not 0 <= layer <= layers:
+        name = config.model or DEFAULT_MODEL_ID
+        raise ModelError(
+            f"layer {layer} does not exist: {name} has layers 0..{layers} (0 = embeddings, N = after block N)"
+        )
+
+
+def from_pretrained(source: str, dtype: torch.dtype, gguf_file: str | None) -> tuple[Any, Any]:
+    """(tokenizer, model) of a folder, hub id or GGUF file in it, the model on the CPU in `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return tokenizer, model
+
+
+def load_cached(gguf_sha256: str, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """(tokenizer, model) from the cache entry of this GGUF file and dtype (`weights_cache`), or None
+    when there is no usable entry (a bad one is logged, and rebuilt by the caller)."""
+    from safetensors import SafetensorError
+
+    entry = weights_cache.find_entry(gguf_sha256, dtype)
+    if entry is None:
+        return None
+    logger.info("reading the cached de-quantised LLM from %s", entry)
+    try:
+        return from_pretrained(str(entry), dtype, None)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        logger.warning("cannot read the cached LLM %s (%s); it will be rebuilt", entry, exc)
+        with contextlib.suppress(OSError):
+            weights_cache.discard_entry(entry)
+        return None
+
+
+def store_cached(model: Any, tokenizer: Any, gguf_sha256: str, dtype: torch.dtype) -> None:
+    """Write the cache entry of a model just de-quantised from a GGUF file; a cache that cannot be
+    written only costs later loads the de-quantisation again, so it is logged, not raised."""
+    if not weights_cache.can_cache(model, dtype):
+        logger.info("not caching the LLM: its weights are not all plain %s tensors (kept in GGUF blocks?)", dtype)
+        return
+    start = time.perf_counter()
+    target = weights_cache.entry_path(gguf_sha256, dtype)
+    try:
+        weights_cache.write_entry(model, tokenizer, gguf_sha256, dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.warning(
+            "cannot cache the de-quantised LLM in %s (%s): later loads will de-quantise the GGUF file again "
+            "(%s names another cache folder)",
+            target,
+            exc,
+            weights_cache.CACHE_DIR_ENV,
+        )
+        return
+    logger.info("cached the de-quantised LLM in %s (%.1f s)", target, time.perf_counter() - start)
+
+
+def load_llm(config: LlmConfig | None = None, progress: bool = False, cache: bool = True) -> LoadedLlm:
+    """Load tokenizer and model on the configured device, in eval mode.
+
+    A GGUF model (the bundled default, or `gguf_file` in a local folder) is de-quantised on its first
+    load and kept de-quantised in ragsae's cache (`weights_cache`; `cache=False` neither reads nor
+    writes it); later loads read that copy, which gives bit-identical activations. The model's
+    identity (`model_id`, `model_hash`) is the GGUF file's either way. `progress` shows transformers'
+    loading bars; what is loaded from where is logged at INFO."""
+    start = time.perf_counter()
     config = config or LlmConfig()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = str(default_gguf_folder()) if config.model is None else config.model
     gguf = DEFAULT_GGUF_FILE if config.model is None else config.gguf_file
-    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
-    logger.info("loading LLM %s%s on %s (%s)", source, f" [{gguf}]" if gguf else "", device, dtype)
+    gguf_path = local_gguf(config)
+    gguf_sha256 = file_sha256(gguf_path) if gguf_path is not None else None
+    model_id, model_hash = model_fingerprint(config, gguf_sha256)
+    cache_key = gguf_sha256 if cache else None
     with quiet_loading(not progress):
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        loaded = load_cached(cache_key, dtype) if cache_key is not None else None
+        if loaded is None:
+            logger.info(
+                "loading LLM %s%s (%s)%s",
+                source,
+                f" [{gguf}]" if gguf else "",
+                weights_cache.dtype_name(dtype),
+                f": de-quantising the GGUF file, once; later loads read the de-quantised copy from "
+                f"{weights_cache.entry_path(cache_key, dtype)}"
+                if cache_key is not None
+                else "",
+            )
+            loaded = from_pretrained(source, dtype, gguf)
+            if cache_key is not None:
+                store_cached(loaded[1], loaded[0], cache_key, dtype)
+    tokenizer, model = loaded
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model_id, model_hash = model_fingerprint(config)
     if model_hash.startswith("hub:"):  # pin the hub snapshot actually loaded
         model_hash += "@" + str(getattr(model.config, "_commit_hash", None) or "unknown")
+    logger.info(
+        "LLM %s ready on %s (%s) in %.1f s",
+        model_id,
+        device,
+        weights_cache.dtype_name(dtype),
+        time.perf_counter() - start,
+    )
     return LoadedLlm(model, tokenizer, model_id, model_hash, device, dtype)

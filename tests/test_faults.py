@@ -1,0 +1,201 @@
+"""Faults while an index or SAE is written: SIGKILL and injected errors at every write step, disk full,
+concurrent writers. After each, the path holds a loadable index (the old one or the new one, with its
+exact results) and the next successful write leaves no leftovers."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import TOY_DOCS
+from fault_driver import WriteSteps
+
+from ragsae.errors import IndexFolderError
+from ragsae.index import Index, read_manifest, verify_index_folder
+from ragsae.sae import load_sae
+
+QUERIES = ["comma separated value files", "network sockets", "regular expressions"]
+MAX_KILL_POINTS = 20
+
+
+def results(index: Index) -> list[list[tuple[str, float]]]:
+    return [[(h.passage_id, h.score) for h in index.search(q, k=4)] for q in QUERIES]
+
+
+def which(path: Path, root: Path) -> str:
+    """'a' or 'b': which of the two indexes is at `path`, every file verified against its manifest
+    (same files, so the same results; `results` checks that once per test)."""
+    verify_index_folder(path)
+    files = read_manifest(path)["files"]
+    return next(name for name in ("a", "b") if read_manifest(root / name)["files"] == files)
+
+
+def leftovers(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
+def remove_leftovers(path: Path) -> None:
+    for name in leftovers(path):
+        shutil.rmtree(path.parent / name)
+
+
+@pytest.fixture(scope="module")
+def two_indexes(tmp_path_factory, tiny_llm_dir):
+    """Index A (all toy documents) at `target` and index B (five of them) at `source`, with their results."""
+    from ragsae.config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig
+    from ragsae.lm import load_llm
+
+    config = BuildConfig(
+        llm=LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32"),
+        capture=CaptureConfig(layer=2, window=32, overlap=4, batch_size=4),
+        sae=SaeConfig(num_latents=128, k=8, epochs=2, batch_size=32, auxk_k=16, dead_after_tokens=64),
+        scoring=ScoringConfig(),
+    )
+    llm = load_llm(config.llm)
+    root = tmp_path_factory.mktemp("faults")
+    a = Index.build(TOY_DOCS, root / "a", config, llm=llm)
+    b = Index.build(TOY_DOCS[:5], root / "b", config, llm=llm)
+    return llm, root, results(a), results(b)
+
+
+def fresh_target(root: Path, name: str) -> Path:
+    """A copy of index A at a new path, to be overwritten by B."""
+    target = root / name
+    shutil.copytree(root / "a", target)
+    return target
+
+
+def run_driver(tiny_llm_dir, root: Path, target: Path, what: str, action: str, at: int) -> subprocess.CompletedProcess:
+    driver = Path(__file__).with_name("fault_driver.py")
+    args = [sys.executable, str(driver), str(tiny_llm_dir), str(root / "b"), str(target), what, action, str(at)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def test_sigkill_at_write_steps_of_a_save_leaves_the_old_or_the_new_index(two_indexes, tiny_llm_dir):
+    llm, root, expected_a, expected_b = two_indexes
+    target = fresh_target(root, "killed")
+    counted = run_driver(tiny_llm_dir, root, fresh_target(root, "count-only"), "index", "count", 0)
+    assert counted.returncode == 0, counted.stderr
+    steps = int(counted.stdout.split()[-1])
+    assert steps >= 20, f"only {steps} write steps seen"
+    # Every step when there are few; otherwise an even spread that includes the first and the last.
+    points = sorted({round(1 + i * (steps - 1) / (MAX_KILL_POINTS - 1)) for i in range(MAX_KILL_POINTS)})
+    outcomes = []
+    for at in points:
+        killed = run_driver(tiny_llm_dir, root, target, "index", "kill", at)
+        assert killed.returncode == -9, (at, killed.returncode, killed.stderr[-2000:])
+        outcomes.append(which(target, root))
+        if len(set(outcomes)) == 2 and outcomes[-1] == "b":
+            assert results(Index.load(target, llm=llm)) == expected_b
+        # Each run starts from the same state: a writer first clears dead writers' leftovers, which
+        # would add write steps (that clean-up is checked below).
+        remove_leftovers(target)
+        if outcomes[-1] == "b":
+            shutil.rmtree(target)
+            shutil.copytree(root / "a", target)
+    assert outcomes[0] == "a" and outcomes[-1] == "b", outcomes
+    assert run_driver(tiny_llm_dir, root, target, "index", "kill", points[-1]).returncode == -9
+    assert leftovers(target), "a kill after the swap leaves the old folder beside the new one"
+    Index.load(root / "b", llm=llm).save(target, overwrite=True)  # the next successful write cleans up
+    assert leftovers(target) == []
+    assert results(Index.load(target, llm=llm)) == expected_b
+
+
+def test_sigkill_while_an_sae_folder_is_replaced_leaves_a_loadable_sae(two_indexes, tiny_llm_dir):
+    llm, root, _, _ = two_indexes
+    target = root / "sae-killed"
+    shutil.copytree(root / "a" / "sae", target)
+    old, new = load_sae(target).weights_sha256, load_sae(root / "b" / "sae").weights_sha256
+    shutil.copytree(root / "a" / "sae", root / "sae-count")
+    steps = int(run_driver(tiny_llm_dir, root, root / "sae-count", "sae", "count", 0).stdout.split()[-1])
+    for at in range(1, steps + 1):
+        assert run_driver(tiny_llm_dir, root, target, "sae", "kill", at).returncode == -9
+        assert load_sae(target).weights_sha256 in (old, new), at
+        remove_leftovers(target)
+
+
+def test_injected_errors_at_every_write_step_keep_the_old_index(two_indexes, monkeypatch):
+    llm, root, expected_a, expected_b = two_indexes
+    target = fresh_target(root, "raised")
+    new = Index.load(root / "b", llm=llm)
+    counter = WriteSteps()
+    with monkeypatch.context() as patch:
+        counter.install(patch.setattr)
+        new.save(fresh_target(root, "count-in-process"), overwrite=True)
+    for at in range(1, counter.steps + 1):
+        steps = WriteSteps("raise", at)
+        with monkeypatch.context() as patch:
+            steps.install(patch.setattr)
+            try:
+                new.save(target, overwrite=True)
+                saved = True
+            except (IndexFolderError, OSError):
+                saved = False
+        found = which(target, root)
+        # An error in the clean-up after the swap may come after the new index is in place.
+        assert found == "b" if saved else found in ("a", "b"), f"error at step {at}"
+        assert all(not name.startswith(f".{target.name}.tmp") for name in leftovers(target)), (at, leftovers(target))
+    new.save(target, overwrite=True)
+    assert leftovers(target) == [] and results(Index.load(target, llm=llm)) == expected_b
+
+
+def test_disk_full_is_a_named_error_and_the_old_index_stays(two_indexes, monkeypatch):
+    llm, root, expected_a, _ = two_indexes
+    target = fresh_target(root, "full")
+    new = Index.load(root / "b", llm=llm)
+    steps = WriteSteps("raise", 2, errno.ENOSPC, only="open")  # the second file opened for writing
+    with monkeypatch.context() as patch:
+        steps.install(patch.setattr)
+        with pytest.raises(IndexFolderError, match=r"could not write the index \(disk full"):
+            new.save(target, overwrite=True)
+    assert results(Index.load(target, llm=llm)) == expected_a
+    assert leftovers(target) == []
+
+
+def test_concurrent_writers_leave_one_complete_index(two_indexes):
+    llm, root, expected_a, expected_b = two_indexes
+    target = fresh_target(root, "concurrent")
+    writers = [Index.load(root / name, llm=llm) for name in ("a", "b", "a", "b")]
+    errors: list[BaseException] = []
+
+    def write(index: Index) -> None:
+        try:
+            index.save(target, overwrite=True)
+        except BaseException as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(index,)) for index in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert results(Index.load(target, llm=llm)) in (expected_a, expected_b)
+    assert leftovers(target) == []
+
+
+def test_a_backup_left_between_two_renames_is_restored(two_indexes):
+    """Where no atomic exchange exists, the old folder is renamed aside first; a crash right then
+    leaves no index at the path, and the next load puts the backup back."""
+    import os
+
+    llm, root, expected_a, _ = two_indexes
+    target = fresh_target(root, "fallback")
+    os.replace(target, target.with_name(f".{target.name}.old-999999999-abcd1234"))
+    assert results(Index.load(target, llm=llm)) == expected_a
+    assert leftovers(target) == []
+
+
+def test_stale_temporary_folders_of_dead_writers_are_removed(two_indexes):
+    llm, root, _, expected_b = two_indexes
+    target = fresh_target(root, "stale")
+    dead = target.with_name(f".{target.name}.tmp-999999999-deadbeef")
+    dead.mkdir()
+    (dead / "codes.npz").write_bytes(b"partial")
+    Index.load(root / "b", llm=llm).save(target, overwrite=True)
+    assert leftovers(target) == [] and results(Index.load(target, llm=llm)) == expected_b
