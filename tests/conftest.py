@@ -93,16 +93,21 @@ def tiny_llm(tiny_llm_dir):
     return load_llm(LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32"))
 
 
-@pytest.fixture
-def tiny_build_config(tiny_llm_dir):
+def tiny_config(tiny_llm_dir: Path, **scoring):
+    """A BuildConfig for the tiny Llama: layer 2, 32-token windows, a 128-latent SAE trained in seconds."""
     from ragsae.config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig
 
     return BuildConfig(
         llm=LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32"),
         capture=CaptureConfig(layer=2, window=32, overlap=4, batch_size=4),
         sae=SaeConfig(num_latents=128, k=8, epochs=2, batch_size=32, auxk_k=16, dead_after_tokens=64),
-        scoring=ScoringConfig(),
+        scoring=ScoringConfig(**scoring),
     )
+
+
+@pytest.fixture
+def tiny_build_config(tiny_llm_dir):
+    return tiny_config(tiny_llm_dir)
 
 
 def shared_collection(name: str) -> Path:

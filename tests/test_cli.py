@@ -27,26 +27,8 @@ def test_build_search_info_on_tiny_model(tiny_llm_dir, tmp_path, capsys):
     corpus.mkdir()
     for name, text in {"a.txt": "alpha beta gamma", "b.md": "delta epsilon", "c.txt": "zeta eta theta"}.items():
         (corpus / name).write_text(text)
-    args = [
-        "build",
-        str(corpus),
-        "-o",
-        str(tmp_path / "idx"),
-        "--model",
-        str(tiny_llm_dir),
-        "--layer",
-        "1",
-        "--num-latents",
-        "64",
-        "--sae-k",
-        "4",
-        "--epochs",
-        "1",
-        "--max-latents",
-        "all",
-        "--feedback-passages",
-        "2",
-    ]
+    args = ["build", str(corpus), "-o", str(tmp_path / "idx")]
+    args += tiny_args(tiny_llm_dir, "--max-latents", "all", "--feedback-passages", "2")
     # Three passages are fewer tokens than one SAE batch: the error must say so.
     assert main(args) == 2
     assert "training tokens" in capsys.readouterr().err

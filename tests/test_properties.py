@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TOY_DOCS
+from conftest import TOY_DOCS, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,15 +22,9 @@ COMMON = settings(deadline=None, suppress_health_check=[HealthCheck.function_sco
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_llm_dir):
     """A saved toy index (its SAE is reused by the round-trip property, so nothing trains per example)."""
-    from ragsae.config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig
     from ragsae.lm import load_llm
 
-    config = BuildConfig(
-        llm=LlmConfig(model=str(tiny_llm_dir), device="cpu", dtype="float32"),
-        capture=CaptureConfig(layer=2, window=32, overlap=4, batch_size=4),
-        sae=SaeConfig(num_latents=128, k=8, epochs=2, batch_size=32, auxk_k=16, dead_after_tokens=64),
-        scoring=ScoringConfig(feedback_passages=3),
-    )
+    config = tiny_config(tiny_llm_dir, feedback_passages=3)
     llm = load_llm(config.llm)
     folder = tmp_path_factory.mktemp("properties") / "idx"
     index = Index.build(TOY_DOCS, folder, config, llm=llm)

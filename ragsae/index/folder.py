@@ -82,37 +82,33 @@ def check_writable(path: str | Path, overwrite: bool, protected: Path | None = N
 
 
 @dataclass
-class IndexContents:
-    """Everything an index folder holds, checked against its manifest."""
+class IndexParts:
+    """What an index folder stores besides its manifest."""
 
-    manifest: dict[str, Any]
     config: BuildConfig
     sae: SparseAutoencoder
+    passages: list[Passage]
     codes: sp.csr_matrix
+    """Pooled codes (n_passages, num_latents), as stored (8-bit values)."""
     lengths: np.ndarray
     idf: np.ndarray
-    passages: list[Passage]
     dense: Backend
 
 
-def write_index_folder(
-    path: str | Path,
-    llm: LoadedLlm,
-    sae: SparseAutoencoder,
-    config: BuildConfig,
-    passages: list[Passage],
-    codes: sp.csr_matrix,
-    lengths: np.ndarray,
-    idf: np.ndarray,
-    dense: Backend,
-    sae_report: TrainReport | None = None,
-) -> Path:
+@dataclass
+class IndexContents(IndexParts):
+    """Everything an index folder holds, checked against its manifest."""
+
+    manifest: dict[str, Any]
+
+
+def write_index_folder(path: str | Path, llm: LoadedLlm, parts: IndexParts, sae_report: TrainReport | None) -> Path:
     """Write an index folder atomically: into a temporary sibling folder, then swapped into place, so
     that a crash at any moment leaves the previous index (or none) loadable and never a mix."""
     path = Path(path)
     try:
         with atomic_folder(path) as tmp:
-            write_index_files(tmp, llm, sae, config, passages, codes, lengths, idf, dense, sae_report)
+            write_index_files(tmp, llm, parts, sae_report)
     except OSError as error:
         reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise IndexFolderError(
@@ -122,28 +118,18 @@ def write_index_folder(
     return path
 
 
-def write_index_files(
-    folder: Path,
-    llm: LoadedLlm,
-    sae: SparseAutoencoder,
-    config: BuildConfig,
-    passages: list[Passage],
-    codes: sp.csr_matrix,
-    lengths: np.ndarray,
-    idf: np.ndarray,
-    dense: Backend,
-    sae_report: TrainReport | None,
-) -> None:
+def write_index_files(folder: Path, llm: LoadedLlm, parts: IndexParts, sae_report: TrainReport | None) -> None:
     """The files of an index folder, written into the (new, empty) `folder`; the manifest last."""
+    config, sae, passages, codes = parts.config, parts.sae, parts.passages, parts.codes
     sae_hash = sae.save(folder / SAE_DIR)
     save_compact_csr_atomic(folder / CODES_FILE, codes)
-    np.save(folder / LENGTHS_FILE, lengths)
-    np.save(folder / IDF_FILE, idf)
+    np.save(folder / LENGTHS_FILE, parts.lengths)
+    np.save(folder / IDF_FILE, parts.idf)
     (folder / DOCIDS_FILE).write_text("".join(p.passage_id + "\n" for p in passages), encoding="utf-8")
     with open(folder / PASSAGES_FILE, "w", encoding="utf-8") as handle:
         for passage in passages:
             handle.write(json.dumps(passage.to_json(), ensure_ascii=False) + "\n")
-    dense.save(folder)
+    parts.dense.save(folder)
     manifest: dict[str, Any] = {
         "format_version": INDEX_FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -268,7 +254,7 @@ def read_index_folder(path: str | Path) -> IndexContents:
         raise IndexFolderError(
             f"{path / FAISS_FILE}: {len(dense)} vectors of dim {dense.index.d}, expected {n} of {sae.d_model}"
         )
-    return IndexContents(manifest, config, sae, codes, lengths, idf, passages, dense)
+    return IndexContents(config, sae, passages, codes, lengths, idf, dense, manifest)
 
 
 def verify_index_folder(path: str | Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ..sae import SparseAutoencoder, TrainReport
 from ..storage import storage_precision
 from ..text import Passage
 from .build import encode_corpus
-from .folder import check_writable, read_index_folder, read_manifest, write_index_folder
+from .folder import IndexParts, check_writable, read_index_folder, read_manifest, write_index_folder
 from .hit import Hit
 
 logger = logging.getLogger(__name__)
@@ -181,18 +181,16 @@ class Index:
         """Write the index folder atomically (`index/folder.py`)."""
         path = Path(path)
         check_writable(path, overwrite)
-        self.path = write_index_folder(
-            path,
-            self.llm,
-            self.sae,
+        parts = IndexParts(
             self.config,
+            self.sae,
             self.passages,
             self.pooled.codes,
             self.pooled.lengths,
             self.retriever.idf,
             self.retriever.dense,
-            self.sae_report,
         )
+        self.path = write_index_folder(path, self.llm, parts, self.sae_report)
         return self.path
 
     @staticmethod
