@@ -68,10 +68,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, flag in CONFIG_OPTIONS[cls].items():
         default = defaults[name]
-        kwargs: dict[str, Any] = {"dest": dest(cls, name), "default": default}
+        kwargs: dict[str, Any] = {"dest": dest(cls, name), "default": default, "metavar": name.upper()}
         choices = field_choices(cls, name)
         if choices is not None:
-            kwargs["choices"] = choices
+            kwargs.update(choices=choices, metavar=None)
         elif name == "max_latents":
             kwargs.update(type=optional_int, metavar="N|all")
         elif isinstance(default, bool):
@@ -327,18 +327,21 @@ def make_parser() -> argparse.ArgumentParser:
         description="Score ragsae (sparse, faiss, fused) and baselines on DATASET_DIR "
         "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); write JSON, Markdown and plots.",
     )
-    p.add_argument("dataset", help="BEIR-layout folder")
-    p.add_argument("--split", default="test", help="qrels split (default: test)")
-    p.add_argument("--output-dir", default="benchmarks/results", help="where results go (default: benchmarks/results)")
-    p.add_argument("--cache-dir", default="benchmarks/.cache", help="activation/SAE/embedding cache")
-    p.add_argument("--baselines", default="bm25,dense", help="comma list of bm25,dense ('' for none)")
-    p.add_argument("--sae", help="score with this SAE folder instead of training one on the collection")
+    from .bench.runner import BenchConfig  # its field docstrings are these options' help
+
+    bench_docs, bench = field_docs(BenchConfig), BenchConfig(dataset="")
+    p.add_argument("dataset", help=bench_docs["dataset"])
+    p.add_argument("--split", default=bench.split, help=f"{bench_docs['split']} (default: {bench.split})")
+    for name in ("output_dir", "cache_dir"):
+        default = getattr(bench, name)
+        p.add_argument("--" + name.replace("_", "-"), default=default, help=f"{bench_docs[name]} (default: {default})")
     p.add_argument(
-        "--sweep",
-        nargs="+",
-        metavar="NAME=V1,V2",
-        help="sweep settings, e.g. layer=4,8,12 k=16,32 latents=4096,8192 pooling=max,sum",
+        "--baselines",
+        default=",".join(bench.baselines),
+        help=f"{bench_docs['baselines']}, comma-separated, '' for none (default: {','.join(bench.baselines)})",
     )
+    p.add_argument("--sae", help=bench_docs["sae"])
+    p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2", help=bench_docs["sweep"])
     add_build_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
