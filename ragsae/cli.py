@@ -143,7 +143,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .index import Index
 
     index = Index.load(args.index, mode=args.mode, device=args.device)
-    answer = RAG(index, k=args.k, max_new_tokens=args.max_new_tokens).ask(args.question)
+    answer = RAG(index, k=args.k, max_new_tokens=args.max_new_tokens, min_support=args.min_support).ask(args.question)
     print(f"Q: {answer.question}\nA: {answer.format()}")
     return 0
 
@@ -284,6 +284,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     add_hits_arg(p, 3, "passages given to the LLM")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap in tokens (default: 96)")
+    p.add_argument(
+        "--min-support",
+        type=float,
+        default=0.0,
+        help="say the passages do not answer when the best one's support is below this (RAG.min_support; "
+        "0.21 separated answerable questions on the benchmark collections' default indexes; default: 0, off)",
+    )
     p.add_argument("--mode", choices=SEARCH_MODES, help="override the index's scoring mode")
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
     p.set_defaults(func=cmd_ask)

@@ -1,4 +1,5 @@
-"""Retrieval-augmented answers: numbered passages in the prompt, the same LLM writes a cited answer."""
+"""Retrieval-augmented answers: numbered passages in the prompt, the same LLM writes a cited answer,
+unless retrieval finds nothing that supports one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import QueryError
@@ -20,6 +22,7 @@ SYSTEM_PROMPT = (
     "If the passages do not contain the answer, say so."
 )
 CITATION = re.compile(r"\[(\d+)\]")
+ABSTENTION = "The indexed passages do not answer this question."
 
 
 @dataclass
@@ -32,13 +35,19 @@ class Answer:
     citations: list[int] = field(default_factory=list)
     """1-based passage numbers cited in `text` that exist in `hits`."""
     prompt: str = ""
+    answered: bool = True
+    """False when retrieval judged that no passage answers the question (`RAG.min_support`): then
+    `text` says so, nothing was generated and nothing is cited."""
+    support: float | None = None
+    """The question's support (`RAG.support`); None when abstention is off."""
 
     def sources(self) -> list[Hit]:
         return [self.hits[n - 1] for n in self.citations]
 
     def format(self) -> str:
         """Answer followed by its numbered sources, for terminals."""
-        lines = [self.text.strip(), "", "Sources:"]
+        heading = "Sources:" if self.answered else "Closest passages, none cited:"
+        lines = [self.text.strip(), "", heading]
         for number, hit in enumerate(self.hits, 1):
             mark = "*" if number in self.citations else " "
             snippet = " ".join(hit.text.split())[:100]
@@ -79,6 +88,9 @@ def parse_citations(text: str, n_passages: int) -> list[int]:
 
 
 CITATION_LEAD = "According to passage ["
+DEFAULT_MIN_SUPPORT = 0.0
+"""`RAG.min_support` unless given: off. Support's scale depends on the index's SAE and corpus, so a
+threshold measured on one index does not carry to every other (`benchmarks/abstain.py`)."""
 
 
 class RAG:
@@ -92,6 +104,13 @@ class RAG:
             choose the number among the passages given (decoding restricted to 1..k), then go on
             freely. Small models rarely cite unprompted; this makes every answer name a source the
             model itself judged most useful.
+        min_support: answer only when the question's `support` reaches this; below it nothing is
+            generated and the answer says the passages do not answer. The lead above makes the model
+            cite a passage whether or not any is relevant, so an unanswerable question would
+            otherwise come back with an invented quote and a citation. 0 (the default) turns this
+            off: support's scale depends on the index's SAE and corpus, so choose the threshold on
+            questions about your own index, as `benchmarks/abstain.py` does for the benchmark
+            collections.
     """
 
     def __init__(
@@ -101,14 +120,18 @@ class RAG:
         max_new_tokens: int = 96,
         max_passage_tokens: int = 200,
         lead_with_citation: bool = True,
+        min_support: float = DEFAULT_MIN_SUPPORT,
     ):
         if k < 1:
             raise QueryError(f"k must be >= 1, got {k}")
+        if not min_support >= 0:  # NaN too
+            raise QueryError(f"min_support must be >= 0, got {min_support}")
         self.index = index
         self.k = k
         self.max_new_tokens = max_new_tokens
         self.max_passage_tokens = max_passage_tokens
         self.lead_with_citation = lead_with_citation
+        self.min_support = min_support
 
     @torch.inference_mode()
     def ask(self, question: str) -> Answer:
@@ -116,10 +139,24 @@ class RAG:
         if not isinstance(question, str) or not question.strip():
             raise QueryError(f"question must be a non-empty string, got {question!r}")
         hits = self.index.search(question, self.k)
+        support = self.support(question) if self.min_support > 0 else None
+        if support is not None and support < self.min_support:
+            return Answer(question, ABSTENTION, hits, [], answered=False, support=support)
         prompt = build_prompt(question, hits, self.index.llm.tokenizer, self.max_passage_tokens)
         lead = self._citation_lead(prompt, len(hits)) if self.lead_with_citation and hits else ""
         text = lead + self._generate(prompt + lead)
-        return Answer(question, text.strip(), hits, parse_citations(text, len(hits)), prompt)
+        return Answer(question, text.strip(), hits, parse_citations(text, len(hits)), prompt, support=support)
+
+    def support(self, question: str) -> float:
+        """How well the index's best passage for `question` matches it: `Retriever.support` of the
+        question's pooled codes and the passage they score highest (0 when none matches).
+
+        Pseudo-relevance feedback is left out: its latents come from the passages found, so they
+        match those passages whether or not the question is on their subject."""
+        retriever = self.index.retriever
+        codes = self.index.encode_queries([question]).astype(np.float32)
+        _, ids = retriever.sparse.search(codes, 1)
+        return float(retriever.support(codes, ids[:, 0])[0])
 
     def _citation_lead(self, prompt: str, n_passages: int) -> str:
         """'According to passage [n]' with n the passage number the model scores highest."""

@@ -1,7 +1,15 @@
-from conftest import TOY_DOCS
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import TOY_DOCS, load_benchmark_script
 
-from ragsae.generate import RAG, build_prompt, parse_citations
+from ragsae.config import ScoringConfig
+from ragsae.errors import QueryError
+from ragsae.generate import ABSTENTION, RAG, build_prompt, parse_citations
 from ragsae.index import Hit, Index
+from ragsae.retrieval import CsrBackend, Retriever
+
+abstain = load_benchmark_script("abstain")
 
 
 def test_prompt_numbers_and_delimits_passages(tokenizer):
@@ -32,3 +40,94 @@ def test_answer_leads_with_a_citation_of_an_existing_passage(tiny_build_config, 
     assert len(answer.citations) >= 1 and answer.citations[0] in (1, 2, 3)
     plain = RAG(index, k=3, max_new_tokens=4, lead_with_citation=False).ask("Which module reads ZIP archives?")
     assert not plain.text.startswith("According to passage [")
+
+
+def test_rag_abstains_below_min_support_without_generating(tiny_build_config, tiny_llm, monkeypatch):
+    index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
+
+    def no_generation(*_args, **_kwargs):
+        raise AssertionError("an abstaining RAG must not generate")
+
+    monkeypatch.setattr(RAG, "_generate", no_generation)
+    monkeypatch.setattr(RAG, "_citation_lead", no_generation)
+    # Support is a cosine, never above 1: this threshold is out of every question's reach.
+    answer = RAG(index, k=2, min_support=1.5).ask("Which module reads ZIP archives?")
+    assert not answer.answered and answer.citations == [] and answer.sources() == []
+    assert answer.text == ABSTENTION and answer.prompt == ""
+    assert len(answer.hits) == 2 and answer.support is not None and 0 <= answer.support <= 1
+    shown = answer.format()
+    assert "Closest passages, none cited:" in shown and "Sources:" not in shown and "*[" not in shown
+
+
+def test_rag_with_min_support_zero_answers_as_before(tiny_build_config, tiny_llm, monkeypatch):
+    index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
+
+    def no_support(*_args, **_kwargs):
+        raise AssertionError("min_support=0 must not compute support")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RAG, "support", no_support)
+        answer = RAG(index, k=3, max_new_tokens=4, min_support=0).ask("Which module reads ZIP archives?")
+    assert answer.answered and answer.support is None
+    assert answer.text.startswith("According to passage [") and answer.citations[0] in (1, 2, 3)
+    assert "Sources:" in answer.format()
+    # A threshold every matching question clears: support is computed, recorded, and the answer generated.
+    supported = RAG(index, k=3, max_new_tokens=4, min_support=1e-9).ask("Which module reads ZIP archives?")
+    assert supported.answered and supported.support is not None and supported.support > 0
+    assert supported.text == answer.text
+    assert supported.support == RAG(index).support("Which module reads ZIP archives?")
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan")])
+def test_min_support_must_be_a_non_negative_number(bad):
+    with pytest.raises(QueryError, match="min_support"):
+        RAG(None, min_support=bad)  # type: ignore[arg-type]
+
+
+def test_support_is_the_cosine_of_the_idf_weighted_query_with_the_passage_weights():
+    codes = sp.csr_matrix(np.array([[1.0, 0, 1, 0], [0, 1, 0, 0]], dtype=np.float32))
+    idf = np.array([2.0, 1.0, 0.5, 1.0], dtype=np.float32)
+    retriever = Retriever(codes, np.ones(2, np.float32), np.zeros((4, 8), np.float32), ScoringConfig(), idf=idf)
+    # Hand-made passage weights in place of BM25's, so that the expected values are exact.
+    retriever.sparse = CsrBackend.of(sp.csr_matrix(np.array([[3.0, 0, 4, 0], [0, 1, 0, 0]], dtype=np.float32)))
+    queries = sp.csr_matrix(np.array([[1.0, 0, 0, 0], [0, 0, 6, 4], [1, 0, 2, 2], [1, 0, 0, 0]], dtype=np.float32))
+    got = retriever.support(queries, [0, 0, 1, -1])
+    # Times idf: [2,0,0,0].[3,0,4,0] = 6 over 2*5; [0,0,3,4].[3,0,4,0] = 12 over 5*5; no shared latent; no passage.
+    np.testing.assert_allclose(got, [0.6, 0.48, 0.0, 0.0], rtol=1e-6)
+
+
+def test_abstain_benchmark_auc_and_threshold_on_toy_signals():
+    assert abstain.roc_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert abstain.roc_auc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
+    assert abstain.roc_auc(np.array([2.0, 0.0]), np.array([1.0])) == 0.5
+    assert abstain.roc_auc(np.array([1.0]), np.array([1.0])) == 0.5  # a tie counts one half
+    assert abstain.choose_threshold(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 2.5
+    assert abstain.balanced_accuracy(np.array([3.0, 4.0]), np.array([1.0, 2.0]), 2.5) == 1.0
+    # Overlapping: 1.5 keeps every positive and refuses one negative of two (0.75); 4.5 gives 0.667.
+    positive, negative = np.array([2.0, 3.0, 5.0]), np.array([1.0, 4.0])
+    assert abstain.choose_threshold(positive, negative) == 1.5
+    assert abstain.balanced_accuracy(positive, negative, 1.5) == 0.75
+    rows = abstain.compare(
+        {"answerable": {"s": positive}, "unanswerable": {"s": negative}},
+        {"answerable": {"s": np.array([3.0])}, "unanswerable": {"s": np.array([0.0, 2.0])}},
+    )
+    assert rows["s"]["threshold"] == 1.5 and rows["s"]["balanced_accuracy_second"] == 0.75
+
+
+def test_abstain_benchmark_signals_by_hand():
+    query = sp.csr_matrix(np.array([[1.0, 0, 2, 2]]))
+    best = sp.csr_matrix(np.array([[3.0, 0, 4, 0]]))
+    got = abstain.signals(query, best)
+    # dot 11, |q| 3, |d| 5; the passage has the latents holding 1 + 2 of the query's 5.
+    np.testing.assert_allclose(
+        [got["cosine"][0], got["score/norm"][0], got["mass"][0], got["score"][0]], [11 / 15, 11 / 3, 0.6, 11]
+    )
+
+
+def test_abstain_benchmark_signals_match_the_library_support(tiny_build_config, tiny_llm):
+    index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
+    questions = ["How do I read a CSV file?", "Which module reads ZIP archives?"]
+    found = abstain.query_signals(index, questions)
+    assert set(found) == {f"{v} {m}" for v in abstain.VARIANTS for m in abstain.MEASURES}
+    assert all(values.shape == (2,) for values in found.values())
+    np.testing.assert_allclose(found[abstain.SUPPORT], [RAG(index).support(q) for q in questions], rtol=1e-6)

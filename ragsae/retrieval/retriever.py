@@ -98,6 +98,24 @@ class Retriever:
         weight = self.config.fusion_weight
         return reciprocal_rank_fusion(runs, [weight, 1 - weight], k)
 
+    def support(self, weights: sp.csr_matrix, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(nq,) how well passage `rows[i]` matches query row i of `weights` (nq, m): the cosine between
+        the query's latent weights times their IDF and the passage's BM25 latent weights (which carry
+        IDF already); 0 where `rows[i]` is -1 or nothing is shared.
+
+        A passage on the question's subject shares its specific latents; the best passage for a
+        question the index cannot answer shares few of them. Without IDF on the query side, the
+        latents that fire on most passages (and on any long question) would dominate the cosine and
+        make it depend on question length more than on subject. `RAG` abstains below a threshold on
+        it (`benchmarks/abstain.py`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        found = rows >= 0
+        q = weights.tocsr().astype(np.float64).multiply(self.idf.astype(np.float64)[None, :]).tocsr()
+        d = self.sparse.rows(np.where(found, rows, 0)).astype(np.float64)
+        dot = np.asarray(q.multiply(d).sum(axis=1)).ravel()
+        norms = row_norms(q) * row_norms(d)
+        return np.where(found & (norms > 0), dot / np.maximum(norms, 1e-300), 0.0)
+
     def explain(self, weights: sp.csr_matrix, rows: Sequence[int], top: int) -> list[list[tuple[int, float]]]:
         """For each passage in `rows`, the latents of one query's sparse weights (1, m; from
         `query_weights`) that contribute most to its sparse score, as (latent, contribution)."""
