@@ -135,3 +135,33 @@ def test_option_help_and_choices_come_from_the_config_fields(capsys):
     with pytest.raises(SystemExit) as exit_info:
         make_parser().parse_args(["build", "c", "-o", "o", "--pooling", "mean"])
     assert exit_info.value.code == 2
+
+
+def test_verify_and_info_say_whether_an_index_verifies(tiny_llm_dir, small_corpus, tmp_path, capsys):
+    index = tmp_path / "idx"
+    assert main(["build", str(small_corpus), "-o", str(index), *tiny_args(tiny_llm_dir)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(index)]) == 0
+    assert "OK (" in capsys.readouterr().out
+    assert main(["info", str(index)]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is True
+    with open(index / "passages.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("\n")
+    assert main(["verify", str(index)]) == 2
+    assert "passages.jsonl: checksum mismatch" in capsys.readouterr().err
+    assert main(["info", str(index)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["verified"] is False and "checksum mismatch" in info["verify_error"]
+
+
+def test_overwrite_never_replaces_what_is_not_an_index(tiny_llm_dir, small_corpus, tmp_path, capsys):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("precious")
+    args = ["build", str(small_corpus), *tiny_args(tiny_llm_dir), "--overwrite", "-o"]
+    assert main([*args, str(other)]) == 2
+    assert "is not a ragsae index folder; refusing to replace it" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "precious"
+    assert main([*args, str(small_corpus)]) == 2  # the corpus folder itself
+    assert "holds the corpus" in capsys.readouterr().err
+    assert (small_corpus / "a.txt").is_file()

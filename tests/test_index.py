@@ -224,3 +224,61 @@ def test_index_files_get_the_umask_permissions(built, tmp_path):
     for path in (tmp_path / "idx").rglob("*"):
         expected = (0o777 if path.is_dir() else 0o666) & ~mask  # safetensors alone would write 0600
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3", None])
+def test_k_must_be_a_whole_number_of_hits(built, k):
+    from ragsae.errors import QueryError
+
+    with pytest.raises(QueryError, match="k must be a whole number >= 1"):
+        built.search("csv files", k=k)
+
+
+def test_a_huge_k_returns_every_passage_once(built):
+    hits = built.search("csv files", k=10**12)
+    assert len(hits) == len(TOY_DOCS) and len({h.passage_id for h in hits}) == len(TOY_DOCS)
+
+
+@pytest.mark.parametrize("query", [None, b"bytes", 42])
+def test_queries_that_are_not_text_are_named_errors(built, query):
+    from ragsae.errors import QueryError
+
+    with pytest.raises(QueryError, match="must be a string"):
+        built.search(query)
+
+
+def test_a_query_longer_than_the_window_is_cut_with_a_warning(built, caplog):
+    long_query = " ".join(["sockets"] * 100)  # the tiny config reads 32 tokens
+    with caplog.at_level("WARNING"):
+        built.search(long_query, k=2)
+    assert "cut to the first 32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        built.search("sockets", k=2)
+    assert "cut to the first" not in caplog.text
+
+
+def test_per_doc_keeps_each_documents_best_passage(tiny_build_config, tiny_llm):
+    long = {"_id": "long", "text": " ".join(f"The csv module reads rows number {i}." for i in range(40))}
+    index = Index.build([long, *TOY_DOCS], None, tiny_build_config, llm=tiny_llm)
+    passages = index.search("csv module reads rows", k=4)
+    documents = index.search("csv module reads rows", k=4, per_doc=True)
+    assert len({h.doc_id for h in passages}) < 4, "the long document fills the passage hits"
+    assert len(documents) == 4 and len({h.doc_id for h in documents}) == 4
+    best = {}
+    for hit in index.search("csv module reads rows", k=len(index)):
+        best.setdefault(hit.doc_id, hit)
+    assert [(h.passage_id, h.score) for h in documents] == [(h.passage_id, h.score) for h in list(best.values())[:4]]
+    assert [h.rank for h in documents] == [1, 2, 3, 4]
+
+
+def test_nan_or_negative_statistics_are_refused(built, tmp_path, tiny_llm):
+    from ragsae.storage import file_sha256
+
+    folder = tmp_path / "idx"
+    lengths = np.load(folder / "lengths.npy")
+    lengths[0] = np.nan
+    np.save(folder / "lengths.npy", lengths)
+    rewrite_manifest(folder, lambda m: m["files"].update({"lengths.npy": file_sha256(folder / "lengths.npy")}))
+    with pytest.raises(IndexFolderError, match="lengths must be finite and positive"):
+        Index.load(folder, llm=tiny_llm)
