@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ragsae.capture import ActivationCache, activations_id
-from ragsae.config import LlmConfig
+from ragsae.config import BuildConfig, CaptureConfig, LlmConfig
 from ragsae.lm import loading as llm_module
 from ragsae.lm import weights_cache
 from ragsae.lm.loading import DEFAULT_MODEL_ID, LoadedLlm, load_llm, resolve_dtype
@@ -220,3 +220,44 @@ def test_bundled_gguf_cache_gives_bit_identical_activations(cache_dir):
     ) == warm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
+
+
+def test_gguf_block_count_reads_only_the_header(tmp_path):
+    import gguf
+
+    from ragsae.lm.loading import gguf_block_count
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])  # a string array before the count
+    writer.add_array("tokenizer.ggml.scores", [0.5, 1.5, 2.5])
+    writer.add_block_count(7)
+    writer.add_tensor("x", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_block_count(tmp_path / "m.gguf") == 7
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 5)  # truncated
+    assert gguf_block_count(tmp_path / "bad.gguf") is None
+    (tmp_path / "not.gguf").write_bytes(b"not a gguf file")
+    assert gguf_block_count(tmp_path / "not.gguf") is None
+
+
+def test_a_layer_the_bundled_model_lacks_fails_before_it_loads(monkeypatch):
+    import gguf
+
+    import ragsae.index.build as build_module
+    from ragsae.errors import ModelError
+    from ragsae.index import Index
+
+    reader = gguf.GGUFReader(str(llm_module.default_gguf_folder() / llm_module.DEFAULT_GGUF_FILE))
+    field = reader.fields["llama.block_count"]
+    layers = int(field.parts[field.data[0]][0])
+    assert llm_module.declared_layers(LlmConfig()) == layers
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(build_module, "load_llm", never)
+    with pytest.raises(ModelError, match=rf"layer {layers + 1} does not exist: .* has layers 0\.\.{layers}"):
+        Index.build(["some text"], None, BuildConfig(capture=CaptureConfig(layer=layers + 1)))

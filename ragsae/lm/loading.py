@@ -195,24 +195,77 @@ logging.getLogger("transformers.quantizers.quantizer_gguf").addFilter(_DropPacke
 
 
 def declared_layers(config: LlmConfig) -> int | None:
-    """The model's number of transformer blocks, read without loading it, where that is cheap: from a
-    local folder's config.json, or from the cached copy of a GGUF file loaded before; else None."""
+    """The model's number of transformer blocks, read without loading it: from a GGUF file's header or
+    a local folder's config.json; None for a hub id (or a file that does not say)."""
     import json
 
     gguf_path = local_gguf(config)
     if gguf_path is not None:
-        digest = file_sha256(gguf_path)
-        entries = (weights_cache.entry_path(digest, dtype) for dtype in (torch.bfloat16, torch.float32, torch.float16))
-        folder = next((entry for entry in entries if entry.is_dir()), None)
-    else:
-        folder = Path(config.model) if config.model is not None and Path(config.model).is_dir() else None
-    if folder is None or not (folder / "config.json").is_file():
+        return gguf_block_count(gguf_path)
+    if config.model is None or not (Path(config.model) / "config.json").is_file():
         return None
+    folder = Path(config.model)
     try:
         layers = json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
     except (OSError, ValueError, AttributeError):
         return None
     return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+"""GGUF metadata value types of fixed size, as struct formats (8 is a string, 9 an array)."""
+
+
+def gguf_block_count(path: Path) -> int | None:
+    """`<architecture>.block_count` from a GGUF file's metadata header, read without the tensors (the
+    transformers GGUF loader parses the whole file, which is the slow part of a first load)."""
+    import struct
+
+    def read(handle: Any, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = handle.read(size)
+        if len(data) != size:
+            raise EOFError
+        return struct.unpack(fmt, data)[0]
+
+    def string(handle: Any) -> bytes:
+        length = read(handle, "<Q")
+        data = handle.read(length)
+        if len(data) != length:
+            raise EOFError
+        return bytes(data)
+
+    def value(handle: Any, kind: int) -> Any:
+        if kind in _GGUF_SCALARS:
+            return read(handle, _GGUF_SCALARS[kind])
+        if kind == 8:
+            return string(handle)
+        if kind == 9:
+            item, count = read(handle, "<I"), read(handle, "<Q")
+            if item in _GGUF_SCALARS:  # skipped, not read: arrays of numbers are never what is asked
+                handle.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    value(handle, item)
+            return None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    values: dict[bytes, Any] = {}
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF" or read(handle, "<I") < 2:
+                return None
+            read(handle, "<Q")  # tensor count
+            for _ in range(read(handle, "<Q")):
+                key = string(handle)
+                values[key] = value(handle, read(handle, "<I"))
+                architecture = values.get(b"general.architecture")
+                if isinstance(architecture, bytes) and architecture + b".block_count" in values:
+                    count = values[architecture + b".block_count"]
+                    return count if isinstance(count, int) and not isinstance(count, bool) else None
+    except (OSError, EOFError, ValueError, struct.error):
+        return None
+    return None
 
 
 def check_declared_layer(config: LlmConfig, layer: int) -> None:
