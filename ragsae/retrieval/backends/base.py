@@ -19,9 +19,6 @@ class Backend(ABC):
     `(scores, ids)` arrays of shape (nq, k), ids padded with -1 where fewer than k rows exist.
     """
 
-    persistent: bool = True
-    """False for a backend rebuilt from the index's codes at load, which writes no files of its own."""
-
     @abstractmethod
     def add(self, vectors: Any) -> None:
         """Append `vectors` as the next rows."""
@@ -39,7 +36,8 @@ class Backend(ABC):
         """Number of rows stored."""
 
     def save(self, folder: Path) -> list[str]:
-        """Write the backend's files into `folder`; returns their names (none for a non-persistent backend)."""
+        """Write the backend's files into `folder`; returns their names (none for a backend rebuilt from
+        the index's codes at load, which has no files of its own)."""
         return []
 
     @classmethod

@@ -18,8 +18,6 @@ class CsrBackend(Backend):
     """Passage weights (n, num_latents) and postings (num_latents, n), both built when rows are added,
     so that searches only read shared state (safe from several threads)."""
 
-    persistent = False
-
     def __init__(self, num_latents: int):
         self.weights = sp.csr_matrix((0, num_latents), dtype=np.float32)
         self.postings = inverted_index(self.weights)

@@ -31,7 +31,6 @@ class FaissBackend(Backend):
 
     def __init__(self, index: Any, use_gpu: bool = True):
         self.index = index
-        self.use_gpu = use_gpu
         self.searched = to_gpu_if_available(index) if use_gpu else index
 
     @classmethod
