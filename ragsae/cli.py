@@ -1,4 +1,5 @@
-"""Command line: `ragsae {build,search,ask,info,train,demo,bench}` (also `python -m ragsae`).
+"""Command line: `ragsae {build,search,ask,info,verify,add,delete,compact,drift,retrain,train,demo,bench}`
+(also `python -m ragsae`).
 
 Each subcommand parses its arguments into the library's configs and calls one library function.
 Options that set a config field take their help text, default and choices from the field itself
@@ -162,6 +163,93 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_drift(report: dict[str, Any]) -> None:
+    """One drift report, as a few lines on stderr-friendly terms."""
+    ratio = report.get("fvu_ratio")
+    divergence = report.get("divergence_ratio")
+    print(
+        f"drift ({report['operation']}, {report['passages']} passages vs {report['indexed_passages']} indexed): "
+        f"FVU {report['fvu']:.3f}"
+        + (f" ({ratio:.2f}x training)" if ratio is not None else "")
+        + f", L0 {report['mean_l0']:.1f}, latent divergence {report['divergence']:.4f}"
+        + (f" ({divergence:.2f}x a same-size sample)" if divergence is not None else "")
+        + f", over-active latents {report['overactive_fraction']:.4f}"
+    )
+    if report["needs_retrain"]:
+        print("needs retraining: " + "; ".join(report["reasons"]) + " (ragsae retrain INDEX)")
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    index = Index.load(args.index, device=args.device)
+    before = len(index)
+    change = index.upsert if args.upsert else index.add
+    report = change(args.corpus, skip_empty=args.skip_empty, progress=True)
+    print(f"{args.index}: {len(index) - before:+d} passages, {len(index)} live in {len(index.segments)} segments")
+    print_drift(report)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    index = Index.load(args.index, device=args.device)
+    deleted = index.delete(args.ids, missing_ok=args.missing_ok)
+    print(
+        f"{args.index}: deleted {deleted} passages; {len(index)} live ({len(index.passages) - len(index)} "
+        "deleted rows until `ragsae compact`)"
+    )
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    index = Index.load(args.index, device=args.device)
+    merged = index.compact()
+    print(
+        f"{args.index}: {merged['segments']} segments ({merged['rows']} rows, {merged['deleted']} deleted) "
+        f"merged into 1 of {merged['after']['rows']} rows"
+    )
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from .index import Index, read_index_folder
+
+    if args.corpus:
+        index = Index.load(args.index, device=args.device)
+        report = index.drift(args.corpus, skip_empty=args.skip_empty, progress=True)
+        print(json.dumps(report, indent=2) if args.json else "", end="\n" if args.json else "")
+        if not args.json:
+            print_drift(report)
+        return 0
+    history = read_index_folder(args.index).history
+    if args.plot:
+        from .index.drift import plot_history
+
+        plot_history(history, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        print(json.dumps(history, indent=2))
+    elif not history:
+        print(f"{args.index}: no drift reports yet (one is made by every add)")
+    for report in [] if args.json else history:
+        print(f"{report['time']}  ", end="")
+        print_drift(report)
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    index = Index.load(args.index, device=args.device)
+    record = index.retrain(from_current=not args.from_scratch, epochs=args.epochs, progress=True)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .index import verify_index_folder
 
@@ -263,7 +351,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     p.add_argument("--cache-dir", help="cache captured activations here")
-    p.add_argument("--sae", help="reuse a trained SAE folder (from `ragsae train`) instead of training one")
+    p.add_argument(
+        "--sae", help="reuse a trained SAE: its folder (from `ragsae train`) or an index folder (its current SAE)"
+    )
     add_build_args(p)
     p.set_defaults(func=cmd_build)
 
@@ -306,6 +396,59 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("index", help="index folder")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "add",
+        help="add documents to an index (encoded with its SAE into a new segment), with a drift report",
+        description="Add the documents of CORPUS to INDEX without rebuilding it: they are encoded with the "
+        "index's SAE into a new segment. Ids must be new unless --upsert. Prints how far the new passages "
+        "drift from what the SAE was trained on.",
+    )
+    p.add_argument("index", help="index folder")
+    p.add_argument("corpus", help="JSONL file, BEIR folder or folder of text files")
+    p.add_argument("--upsert", action="store_true", help="replace documents whose ids are already indexed")
+    p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
+    p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("delete", help="delete documents from an index by id")
+    p.add_argument("index", help="index folder")
+    p.add_argument("ids", nargs="+", metavar="ID", help="document ids")
+    p.add_argument("--missing-ok", action="store_true", help="ignore ids that are not in the index")
+    p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("compact", help="merge an index's segments into one, dropping deleted passages")
+    p.add_argument("index", help="index folder")
+    p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser(
+        "drift",
+        help="drift of documents against an index (without adding them), or the index's drift history",
+        description="With CORPUS: how far its passages drift from the index's SAE and passages, nothing added. "
+        "Without: the drift reports of every add so far (--plot draws them).",
+    )
+    p.add_argument("index", help="index folder")
+    p.add_argument("corpus", nargs="?", help="documents to check (JSONL file, BEIR folder or folder of text files)")
+    p.add_argument("--plot", metavar="PNG", help="draw the drift history to this image")
+    p.add_argument("--json", action="store_true", help="print reports as JSON")
+    p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
+    p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser(
+        "retrain",
+        help="train a new SAE version on an index's passages, re-encode them and swap it in",
+        description="Train a new SAE version on the live passages (by default continuing from the current SAE), "
+        "re-encode every passage with it and swap it in atomically; the manifest keeps every version's lineage "
+        "and a comparison of the two SAEs.",
+    )
+    p.add_argument("index", help="index folder")
+    p.add_argument("--from-scratch", action="store_true", help="train from a fresh initialisation")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the current SAE's)")
+    p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser(
         "train",

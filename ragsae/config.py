@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
@@ -28,6 +29,8 @@ SearchMode = Literal["sparse", "faiss", "fused"]
 FeedbackWeighting = Literal["rank", "uniform"]
 StopwordList = Literal["english", "none"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+SanitizeMode = Literal["off", "redact", "hash"]
+StoreText = Literal["auto", "full", "redacted", "none"]
 
 SAE_ARCHITECTURES: tuple[str, ...] = typing.get_args(SaeArchitecture)
 POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
@@ -35,6 +38,23 @@ SEARCH_MODES: tuple[str, ...] = typing.get_args(SearchMode)
 FEEDBACK_WEIGHTINGS: tuple[str, ...] = typing.get_args(FeedbackWeighting)
 STOPWORD_LIST_NAMES: tuple[str, ...] = typing.get_args(StopwordList)
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+SANITIZE_MODES: tuple[str, ...] = typing.get_args(SanitizeMode)
+STORE_TEXTS: tuple[str, ...] = typing.get_args(StoreText)
+SANITIZE_ENTITIES: tuple[str, ...] = (
+    "EMAIL",
+    "PHONE",
+    "CREDIT_CARD",
+    "IBAN",
+    "IP_ADDRESS",
+    "US_SSN",
+    "CRYPTO",
+    "API_KEY",
+    "PASSWORD",
+    "PRIVATE_KEY",
+    "SECRET",
+)
+"""Entity types `ragsae.text.sanitize` detects; each becomes a placeholder such as `<EMAIL>`. There is no
+PERSON: names need a NER model, which this offline pipeline does not have."""
 
 
 @functools.cache
@@ -259,6 +279,80 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
+class SanitizeConfig:
+    """Personal data and secrets replaced by typed placeholders before the LLM reads a text."""
+
+    mode: SanitizeMode = "off"
+    """'off', 'redact' (each detected value becomes a typed placeholder such as <EMAIL> or <API_KEY>) or
+    'hash' (<EMAIL_3f2a9c1b>: a salted HMAC of the value, so equal values stay equal and a query holding
+    one still finds the passages that hold it)."""
+    store_text: StoreText = "auto"
+    """What the index keeps of each passage's text: 'redacted' (the sanitised text the LLM read), 'full'
+    (the original text, detected values included), 'none' (ids and offsets only); 'auto' is 'redacted'
+    when mode is not 'off', else 'full'."""
+    entities: tuple | None = None
+    """Entity types to replace, a tuple of names from SANITIZE_ENTITIES (EMAIL, PHONE, CREDIT_CARD, IBAN,
+    IP_ADDRESS, US_SSN, CRYPTO, API_KEY, PASSWORD, PRIVATE_KEY, SECRET); None replaces them all."""
+    queries: bool = True
+    """Sanitise queries the same way before they are encoded or logged (hash mode needs it to match)."""
+    hash_length: int = 8
+    """Hex digits of the HMAC a hash-mode placeholder keeps (4 to 64); 8 digits make two different values
+    of one type share a placeholder with odds of about n*n/2**33 among n values."""
+    salt_env: str | None = None
+    """Environment variable holding the hash-mode salt (16 bytes or more); None keeps a random salt in a
+    file of the index folder readable by its owner only. The salt never enters the manifest."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.entities, list):  # read back from JSON
+            object.__setattr__(self, "entities", tuple(self.entities))
+        check_types(self)
+        if self.entities is not None:
+            unknown = [name for name in self.entities if name not in SANITIZE_ENTITIES]
+            if unknown:
+                raise ConfigError(f"entities: unknown type(s) {unknown!r}, expected names from {SANITIZE_ENTITIES}")
+            if not self.entities:
+                raise ConfigError("entities must name at least one type (None replaces them all; mode='off' none)")
+        if self.store_text == "redacted" and self.mode == "off":
+            raise ConfigError("store_text='redacted' needs mode 'redact' or 'hash' (mode='off' redacts nothing)")
+        if not 4 <= self.hash_length <= 64:
+            raise ConfigError(f"hash_length must be in [4, 64] hex digits, got {self.hash_length}")
+        if self.salt_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.salt_env):
+            raise ConfigError(f"salt_env must be an environment variable name, got {self.salt_env!r}")
+
+    @property
+    def stored_text(self) -> str:
+        """What the index keeps of passage text, 'auto' resolved: 'full', 'redacted' or 'none'."""
+        if self.store_text == "auto":
+            return "full" if self.mode == "off" else "redacted"
+        return self.store_text
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """When new passages count as drifted from the index's SAE and corpus (`index/drift.py`)."""
+
+    max_fvu_ratio: float = 1.5
+    """The SAE's FVU on the new passages' tokens over its training FVU above which it needs retraining."""
+    max_divergence_ratio: float = 3.0
+    """Jensen-Shannon divergence of the new passages' latent frequencies from the index's, over that of
+    a same-size random sample of indexed passages, above which the SAE needs retraining."""
+    overactive: float = 0.5
+    """A latent firing on more than this share of passages counts as over-active (reported)."""
+    sample_tokens: int = 20_000
+    """Tokens of the new passages on which FVU and L0 are measured (a random sample beyond this)."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_numbers(self)
+        if self.max_fvu_ratio <= 0 or self.max_divergence_ratio <= 0:
+            raise ConfigError("max_fvu_ratio and max_divergence_ratio must be > 0")
+        if not 0 < self.overactive <= 1:
+            raise ConfigError(f"overactive must be in (0, 1], got {self.overactive}")
+        if self.sample_tokens < 1:
+            raise ConfigError(f"sample_tokens must be >= 1, got {self.sample_tokens}")
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything `Index.build` needs, grouped per stage."""
 
@@ -270,6 +364,10 @@ class BuildConfig:
     """The sparse autoencoder that turns activations into codes."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     """How codes are weighted and matched."""
+    sanitize: SanitizeConfig = field(default_factory=SanitizeConfig)
+    """Which personal data and secrets are replaced before the LLM reads passages and queries."""
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    """When passages added later count as drifted (the SAE needs retraining)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
@@ -281,4 +379,7 @@ class BuildConfig:
             capture=from_dict(CaptureConfig, data.get("capture", {})),
             sae=from_dict(SaeConfig, data.get("sae", {})),
             scoring=from_dict(ScoringConfig, data.get("scoring", {})),
+            sanitize=from_dict(SanitizeConfig, data.get("sanitize", {})),
+            drift=from_dict(DriftConfig, data.get("drift", {})),
         )
+

@@ -113,10 +113,12 @@ def fit_sae(
     capture: CaptureConfig,
     config: SaeConfig,
     progress: bool = False,
+    start_from: SparseAutoencoder | None = None,
 ) -> tuple[SparseAutoencoder, TrainReport]:
-    """Train an SAE on passage activations (from `passage_activations` of `texts`) and record in its
-    metadata what it was trained on, so that a later build can refuse activations unlike them."""
-    sae, report = train_sae(acts.values, config, llm.device, progress)
+    """Train an SAE on passage activations (from `passage_activations` of `texts`), or continue training
+    `start_from`, and record in its metadata what it was trained on, so that a later build can refuse
+    activations unlike them."""
+    sae, report = train_sae(acts.values, config, llm.device, progress, start_from)
     sae.metadata.update(
         llm_id=llm.model_id,
         llm_hash=llm.model_hash,

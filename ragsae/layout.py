@@ -3,34 +3,51 @@
 What changed between format versions is in CHANGELOG.md.
 """
 
-INDEX_FORMAT_VERSION = 4
+INDEX_FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = "write.lock"
+"""Held (flock) by the one process that may change an index at a time; not part of the index's content."""
+SAE_VERSIONS_DIR = "sae"
+"""One folder per SAE version, `sae/v1`, `sae/v2`, ... (`sae_version_folder`)."""
+SEGMENTS_DIR = "segments"
+"""One folder per segment, `segments/000001`, ...: written once, never changed."""
+HISTORY_DIR = "history"
+"""Drift reports, `history/drift-GENERATION.jsonl` (a new file per change, the old one removed after)."""
+
 CODES_FILE = "codes.npz"
+DROPPED_FILE = "dropped.npz"
 LENGTHS_FILE = "lengths.npy"
-IDF_FILE = "idf.npy"
 DOCIDS_FILE = "docids.txt"
 PASSAGES_FILE = "passages.jsonl"
 FAISS_FILE = "faiss.index"
-SAE_DIR = "sae"
+SEGMENT_FILES = (CODES_FILE, DROPPED_FILE, LENGTHS_FILE, DOCIDS_FILE, PASSAGES_FILE, FAISS_FILE)
+"""Every file of a segment folder, each with its SHA-256 in the manifest, all verified on load; the
+manifest itself carries a checksum of its own content (configs and the SAE versions included)."""
 
 SAE_FORMAT_VERSION = 2
 SAE_READABLE_VERSIONS = (1, 2)
 """Version 1 folders (no checksum of config.json) still load."""
 SAE_CONFIG_FILE = "config.json"
 SAE_WEIGHTS_FILE = "model.safetensors"
+SAE_FILES = (SAE_CONFIG_FILE, SAE_WEIGHTS_FILE)
 
-CHECKED_FILES = (
-    CODES_FILE,
-    LENGTHS_FILE,
-    IDF_FILE,
-    DOCIDS_FILE,
-    PASSAGES_FILE,
-    FAISS_FILE,
-    f"{SAE_DIR}/{SAE_CONFIG_FILE}",
-    f"{SAE_DIR}/{SAE_WEIGHTS_FILE}",
-)
-"""Every file of an index folder, each with its SHA-256 in the manifest, all verified on load; the
-manifest itself carries a checksum of its own content (configs included)."""
+
+def sae_version_folder(version: int) -> str:
+    return f"{SAE_VERSIONS_DIR}/v{version}"
+
+
+def segment_folder(number: int) -> str:
+    return f"{SEGMENTS_DIR}/{number:06d}"
+
+
+def deletes_file(segment: str, generation: int) -> str:
+    """Tombstones of a segment as of a generation: the sorted rows deleted from it (int64 .npy)."""
+    return f"{segment}/deleted-{generation:06d}.npy"
+
+
+def history_file(generation: int) -> str:
+    return f"{HISTORY_DIR}/drift-{generation:06d}.jsonl"
+
 
 CACHE_VALUES_FILE = "values.npy"
 CACHE_OFFSETS_FILE = "offsets.npy"

@@ -94,11 +94,7 @@ def fsync_tree(folder: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        descriptor = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_folder(Path(root))
 
 
 def replace_folder(tmp: Path, path: Path) -> None:
@@ -185,26 +181,68 @@ def json_checksum(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """A handle on a temporary sibling of `path`, renamed over `path` only if the block succeeds."""
+def atomic_output(path: str | Path, mode: str = "wb", durable: bool = False) -> Iterator[IO[Any]]:
+    """A handle on a temporary sibling of `path`, renamed over `path` only if the block succeeds; with
+    `durable`, the file and the rename are flushed to disk before returning (a commit point)."""
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_output(path, "w") as handle:
+def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> None:
+    with atomic_output(path, "w", durable) as handle:
         handle.write(text)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
+def write_json_atomic(path: str | Path, data: Any, durable: bool = False) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True), durable)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on file `path` (created if missing) for the block; BlockingIOError
+    at once if another process holds it. The kernel releases it when its holder dies, however it dies."""
+    import fcntl
+
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        try:
+            yield
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+def lock_holder(path: str | Path) -> str:
+    """The PID written in a lock file by its last holder ('unknown' when unreadable)."""
+    try:
+        return Path(path).read_text(encoding="ascii").strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:

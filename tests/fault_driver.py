@@ -2,7 +2,10 @@
 raises an OSError: the subject of tests/test_faults.py. Run as a script (a kill ends the process) or
 imported (`WriteSteps` for injected errors in the test process).
 
-python tests/fault_driver.py LLM_DIR SOURCE_INDEX TARGET {index,sae} {count,kill,raise} N
+python tests/fault_driver.py LLM_DIR SOURCE_INDEX TARGET WHAT {count,kill,raise} N
+
+WHAT is index, sae, add, delete, upsert, compact or retrain:
+`index` saves SOURCE over TARGET, `sae` saves SOURCE's SAE as TARGET, the others change TARGET in place.
 """
 
 from __future__ import annotations
@@ -76,19 +79,46 @@ class WriteSteps:
             )
 
 
+ADDED = [
+    {"_id": "added-1", "title": "Heaps", "text": "heapq keeps a priority queue in a list with heappush and heappop."},
+    {"_id": "added-2", "title": "Bisect", "text": "bisect finds insertion points in sorted lists by binary search."},
+]
+"""What the `add` change adds (ids new to the toy corpus)."""
+DELETED = ["json"]
+"""What the `delete` change deletes."""
+
+
+def change(index: Any, what: str) -> None:
+    """One lifecycle change of `index` (which has its folder): add, delete, upsert, compact or retrain."""
+    if what == "add":
+        index.add(ADDED)
+    elif what == "delete":
+        index.delete(DELETED)
+    elif what == "upsert":
+        index.upsert([{**ADDED[0], "_id": "math"}])
+    elif what == "compact":
+        index.compact()
+    elif what == "retrain":
+        index.retrain(epochs=1)
+    else:
+        raise ValueError(what)
+
+
 def main(llm_dir: str, source: str, target: str, what: str, action: str, at: int) -> None:
     from ragsae.config import LlmConfig
     from ragsae.index import Index
     from ragsae.lm import load_llm
 
     llm = load_llm(LlmConfig(model=llm_dir, device="cpu", dtype="float32"))
-    index = Index.load(source, llm=llm)
+    index = Index.load(target if what not in ("index", "sae") else source, llm=llm)
     steps = WriteSteps(action, at)
     steps.install()
     if what == "index":
         index.save(target, overwrite=True)
-    else:
+    elif what == "sae":
         index.sae.save(target)
+    else:
+        change(index, what)
     print(steps.steps)
 
 

@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TOY_DOCS, tiny_config
 from fault_driver import WriteSteps
@@ -20,19 +21,27 @@ from ragsae.index import Index, read_manifest, verify_index_folder
 from ragsae.sae import load_sae
 
 QUERIES = ["comma separated value files", "network sockets", "regular expressions"]
-MAX_KILL_POINTS = 20
+MAX_KILL_POINTS = 12
 
 
 def results(index: Index) -> list[list[tuple[str, float]]]:
     return [[(h.passage_id, h.score) for h in index.search(q, k=4)] for q in QUERIES]
 
 
+def content(path: Path) -> list[str]:
+    """The checksums of every file an index's manifest names: equal for indexes of the same content."""
+    manifest = read_manifest(path)
+    sae = [v["files"] for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"]]
+    return sorted(
+        str(x) for x in sae + [(s["files"], s["deleted"] and s["deleted"]["sha256"]) for s in manifest["segments"]]
+    )
+
+
 def which(path: Path, root: Path) -> str:
     """'a' or 'b': which of the two indexes is at `path`, every file verified against its manifest
     (same files, so the same results; `results` checks that once per test)."""
     verify_index_folder(path)
-    files = read_manifest(path)["files"]
-    return next(name for name in ("a", "b") if read_manifest(root / name)["files"] == files)
+    return next(name for name in ("a", "b") if content(root / name) == content(path))
 
 
 def leftovers(path: Path) -> list[str]:
@@ -103,9 +112,9 @@ def test_sigkill_at_write_steps_of_a_save_leaves_the_old_or_the_new_index(two_in
 def test_sigkill_while_an_sae_folder_is_replaced_leaves_a_loadable_sae(two_indexes, tiny_llm_dir):
     llm, root, _, _ = two_indexes
     target = root / "sae-killed"
-    shutil.copytree(root / "a" / "sae", target)
-    old, new = load_sae(target).weights_sha256, load_sae(root / "b" / "sae").weights_sha256
-    shutil.copytree(root / "a" / "sae", root / "sae-count")
+    shutil.copytree(root / "a" / "sae" / "v1", target)
+    old, new = load_sae(target).weights_sha256, load_sae(root / "b" / "sae" / "v1").weights_sha256
+    shutil.copytree(root / "a" / "sae" / "v1", root / "sae-count")
     steps = int(run_driver(tiny_llm_dir, root, root / "sae-count", "sae", "count", 0).stdout.split()[-1])
     for at in sorted({round(1 + i * (steps - 1) / 7) for i in range(8)}):  # 8 points, first and last included
         assert run_driver(tiny_llm_dir, root, target, "sae", "kill", at).returncode == -9
@@ -121,7 +130,7 @@ def test_injected_errors_at_every_write_step_keep_the_old_index(two_indexes, mon
     with monkeypatch.context() as patch:
         counter.install(patch.setattr)
         new.save(fresh_target(root, "count-in-process"), overwrite=True)
-    for at in range(1, counter.steps + 1):
+    for at in sorted({round(1 + i * (counter.steps - 1) / 39) for i in range(40)}):  # 40 steps, ends included
         steps = WriteSteps("raise", at)
         with monkeypatch.context() as patch:
             steps.install(patch.setattr)
@@ -193,3 +202,67 @@ def test_stale_temporary_folders_of_dead_writers_are_removed(two_indexes):
     (dead / "codes.npz").write_bytes(b"partial")
     Index.load(root / "b", llm=llm).save(target, overwrite=True)
     assert leftovers(target) == [] and results(Index.load(target, llm=llm)) == expected_b
+
+
+CHANGES = ["add", "delete", "upsert", "compact", "retrain"]
+KILLS_PER_CHANGE = 4
+
+
+@pytest.fixture(scope="module")
+def living(two_indexes):
+    """An index with two segments and a deleted document, and per change the results before and after it."""
+    from fault_driver import change
+
+    llm, root, _, _ = two_indexes
+    base = root / "living"
+    shutil.copytree(root / "b", base)
+    index = Index.load(base, llm=llm)
+    index.add(TOY_DOCS[5:7])
+    index.delete(["time"])
+    expected = {}
+    for what in CHANGES:
+        after = root / f"after-{what}"
+        shutil.copytree(base, after)
+        change(Index.load(after, llm=llm), what)
+        expected[what] = {
+            index.generation: results(Index.load(base, llm=llm)),
+            index.generation + 1: results(Index.load(after, llm=llm)),
+        }
+    return llm, root, base, expected
+
+
+def unreferenced(path: Path) -> list[str]:
+    from ragsae.index.folder import referenced_paths
+
+    named = referenced_paths(read_manifest(path))
+    found = {p.relative_to(path).as_posix() for p in path.rglob("*")}
+    return sorted(name for name in found if name not in named)
+
+
+@pytest.mark.parametrize("what", CHANGES)
+def test_sigkill_during_a_change_leaves_the_index_before_or_after_it(living, tiny_llm_dir, what):
+    """Killed at write steps spread over the change (first and last included), the index loads at the
+    state before the change or after it, with that state's exact results, never one between."""
+    llm, root, base, expected = living
+    target = root / f"killed-{what}"
+    shutil.copytree(base, target)
+    counted = run_driver(tiny_llm_dir, root, target, what, "count", 0)
+    assert counted.returncode == 0, counted.stderr[-2000:]
+    steps = int(counted.stdout.split()[-1])
+    rng = np.random.default_rng(len(what))
+    points = sorted({1, steps, *rng.choice(np.arange(2, steps), KILLS_PER_CHANGE - 2, replace=False).tolist()})
+    seen = []
+    for at in points:
+        shutil.rmtree(target)
+        shutil.copytree(base, target)
+        killed = run_driver(tiny_llm_dir, root, target, what, "kill", at)
+        assert killed.returncode == -9, (at, killed.returncode, killed.stderr[-2000:])
+        verify_index_folder(target)
+        reopened = Index.load(target, llm=llm)
+        assert reopened.generation in expected[what], (at, reopened.generation)
+        assert results(reopened) == expected[what][reopened.generation], (what, at)
+        seen.append(reopened.generation)
+    assert seen[0] == min(expected[what]) and seen[-1] == max(expected[what]), seen
+    # The next change clears what a killed writer left (files no manifest names).
+    Index.load(target, llm=llm).add([{"_id": "after-kill", "text": "tempfile makes temporary files and folders."}])
+    assert unreferenced(target) == []

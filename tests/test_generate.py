@@ -7,7 +7,9 @@ from ragsae.config import ScoringConfig
 from ragsae.errors import QueryError
 from ragsae.generate import ABSTENTION, RAG, build_prompt, parse_citations
 from ragsae.index import Hit, Index
-from ragsae.retrieval import CsrBackend, Retriever
+from ragsae.retrieval import Retriever
+from ragsae.retrieval.retriever import SearchSegment
+from ragsae.retrieval.scoring import CorpusStatistics
 
 abstain = load_benchmark_script("abstain")
 
@@ -86,10 +88,12 @@ def test_min_support_must_be_a_non_negative_number(bad):
 
 def test_support_is_the_cosine_of_the_idf_weighted_query_with_the_passage_weights():
     codes = sp.csr_matrix(np.array([[1.0, 0, 1, 0], [0, 1, 0, 0]], dtype=np.float32))
-    idf = np.array([2.0, 1.0, 0.5, 1.0], dtype=np.float32)
-    retriever = Retriever(codes, np.ones(2, np.float32), np.zeros((4, 8), np.float32), ScoringConfig(), idf=idf)
-    # Hand-made passage weights in place of BM25's, so that the expected values are exact.
-    retriever.sparse = CsrBackend.of(sp.csr_matrix(np.array([[3.0, 0, 4, 0], [0, 1, 0, 0]], dtype=np.float32)))
+    w_dec = np.zeros((4, 8), np.float32)
+    retriever = Retriever(w_dec, ScoringConfig(), CorpusStatistics.of(codes, np.ones(2, np.float32)))
+    # Hand-made IDF and passage weights in place of BM25's, so that the expected values are exact.
+    retriever.reference_idf = np.array([2.0, 1.0, 0.5, 1.0], dtype=np.float32)
+    hand_made = sp.csr_matrix(np.array([[3.0, 0, 4, 0], [0, 1, 0, 0]], dtype=np.float32))
+    retriever.add_segment(SearchSegment(hand_made, w_dec))
     queries = sp.csr_matrix(np.array([[1.0, 0, 0, 0], [0, 0, 6, 4], [1, 0, 2, 2], [1, 0, 0, 0]], dtype=np.float32))
     got = retriever.support(queries, [0, 0, 1, -1])
     # Times idf: [2,0,0,0].[3,0,4,0] = 6 over 2*5; [0,0,3,4].[3,0,4,0] = 12 over 5*5; no shared latent; no passage.

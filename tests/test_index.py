@@ -17,22 +17,24 @@ def built(tiny_build_config, tiny_llm, tmp_path):
 
 
 def test_build_writes_a_complete_folder(built, tmp_path):
-    names = {p.name for p in (tmp_path / "idx").iterdir()}
-    assert {
-        "manifest.json",
+    folder = tmp_path / "idx"
+    assert {p.name for p in folder.iterdir()} == {"manifest.json", "sae", "segments"}
+    segment = folder / "segments" / "000001"
+    assert {p.name for p in segment.iterdir()} == {
         "codes.npz",
+        "dropped.npz",
         "lengths.npy",
-        "idf.npy",
         "docids.txt",
         "passages.jsonl",
         "faiss.index",
-        "sae",
-    } <= names
-    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
-    assert manifest["counts"]["passages"] == len(TOY_DOCS)
-    assert manifest["layer"] == 2 and manifest["sae"]["num_latents"] == 128
-    assert {"fvu", "mean_l0", "dead_fraction"} <= set(manifest["sae"]["train"])
-    assert (tmp_path / "idx" / "docids.txt").read_text().split() == [d["_id"] for d in TOY_DOCS]
+    }
+    assert {p.name for p in (folder / "sae" / "v1").iterdir()} == {"config.json", "model.safetensors"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["counts"]["passages"] == len(TOY_DOCS) and manifest["generation"] == 1
+    (version,) = manifest["sae"]["versions"]
+    assert manifest["layer"] == 2 and version["num_latents"] == 128 and version["started_from"] == "scratch"
+    assert {"fvu", "mean_l0", "dead_fraction"} <= set(version["train"])
+    assert (segment / "docids.txt").read_text().split() == [d["_id"] for d in TOY_DOCS]
     assert not list(tmp_path.glob(".idx*")), "temporary folders must be gone"
 
 
@@ -49,7 +51,7 @@ def test_search_returns_hits_with_latents(built):
     for row, doc in enumerate(TOY_DOCS[:4]):
         query = built.encode_queries([doc["title"] + "\n" + doc["text"]])
         # Stored values are 8-bit log-scale steps (2.8% apart) clamped at 2**-8: equal up to one step.
-        np.testing.assert_allclose(query.toarray(), built.pooled.codes[row].toarray(), rtol=0.06, atol=4e-3)
+        np.testing.assert_allclose(query.toarray(), built.codes[row].toarray(), rtol=0.06, atol=4e-3)
 
 
 def test_load_round_trip(built, tiny_llm, tmp_path):
@@ -63,8 +65,9 @@ def test_load_round_trip(built, tiny_llm, tmp_path):
 
 
 def test_reuse_sae_and_refuse_mismatch(built, tiny_build_config, tiny_llm, tmp_path):
-    again = Index.build(TOY_DOCS[:3], None, tiny_build_config, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
-    assert len(again) == 3
+    for reused in (tmp_path / "idx", tmp_path / "idx" / "sae" / "v1"):  # an index (its current SAE) or an SAE
+        again = Index.build(TOY_DOCS[:3], None, tiny_build_config, sae=reused, llm=tiny_llm)
+        assert len(again) == 3 and again.sae.weights_sha256 == built.sae.weights_sha256
     other_layer = BuildConfig(
         tiny_build_config.llm,
         CaptureConfig(layer=3, window=32, overlap=4),
@@ -72,7 +75,7 @@ def test_reuse_sae_and_refuse_mismatch(built, tiny_build_config, tiny_llm, tmp_p
         tiny_build_config.scoring,
     )
     with pytest.raises(SaeLoadError, match="trained on layer 2, the index uses layer 3"):
-        Index.build(TOY_DOCS, None, other_layer, sae=tmp_path / "idx" / "sae", llm=tiny_llm)
+        Index.build(TOY_DOCS, None, other_layer, sae=tmp_path / "idx", llm=tiny_llm)
 
 
 def rewrite_manifest(folder, edit, checksum=True):
@@ -97,7 +100,7 @@ def test_refuses_other_llm(built, tmp_path, tiny_llm):
     [
         lambda m: m["config"]["capture"].update(layer=3),
         lambda m: m["config"]["scoring"].update(k1=-5.0),
-        lambda m: m.update(files={}),
+        lambda m: m["segments"][0].update(files={}),
         lambda m: m["counts"].update(passages="many"),
     ],
     ids=["layer", "scoring", "no-files", "non-numeric"],
@@ -112,7 +115,9 @@ def test_a_consistent_but_invalid_manifest_is_refused_by_name(built, tmp_path, t
     folder = tmp_path / "idx"
     original = (folder / "manifest.json").read_text()
     for edit, message in (
-        (lambda m: m.update(files={}), "must list exactly"),
+        (lambda m: m["segments"][0].update(files={}), r"'segments\[0\]\.files' must list"),
+        (lambda m: m["segments"][0].update(name="../../etc"), "not a segment folder name"),
+        (lambda m: m["sae"].update(current=7), "names no stored SAE version"),
         (lambda m: m["counts"].update(passages="many"), "'counts.passages' has the wrong type"),
         (lambda m: m["config"]["scoring"].update(k1=float("nan")), "k1 must be a finite number"),
         (lambda m: m["config"]["capture"].update(layer=3), "'layer' disagrees"),
@@ -124,17 +129,17 @@ def test_a_consistent_but_invalid_manifest_is_refused_by_name(built, tmp_path, t
 
 
 def test_the_sae_config_is_covered_by_a_checksum(built, tmp_path, tiny_llm):
-    config = tmp_path / "idx" / "sae" / "config.json"
+    config = tmp_path / "idx" / "sae" / "v1" / "config.json"
     header = json.loads(config.read_text())
     header["config"]["k"] = 4
     config.write_text(json.dumps(header))
-    with pytest.raises(IndexFolderError, match=r"sae/config\.json: checksum mismatch"):
+    with pytest.raises(IndexFolderError, match=r"sae/v1/config\.json: checksum mismatch"):
         Index.load(tmp_path / "idx", llm=tiny_llm)
 
 
 def test_detects_corruption_and_version(built, tmp_path, tiny_llm):
     folder = tmp_path / "idx"
-    with open(folder / "passages.jsonl", "a") as handle:
+    with open(folder / "segments" / "000001" / "passages.jsonl", "a") as handle:
         handle.write("\n")
     with pytest.raises(IndexFolderError, match=r"passages\.jsonl: checksum mismatch"):
         Index.load(folder, llm=tiny_llm)
@@ -174,9 +179,10 @@ def test_pruned_index_saves_and_reloads_pruned_codes(tiny_build_config, tiny_llm
     )
     built = Index.build(TOY_DOCS, tmp_path / "pruned", config, llm=tiny_llm)
     loaded = Index.load(tmp_path / "pruned", llm=tiny_llm)
-    assert np.diff(loaded.pooled.codes.indptr).max() == 5
-    assert (loaded.pooled.codes != built.pooled.codes).nnz == 0
-    np.testing.assert_array_equal(loaded.retriever.idf, built.retriever.idf)  # IDF of the unpruned codes
+    assert np.diff(loaded.codes.indptr).max() == 5
+    assert (loaded.codes != built.codes).nnz == 0
+    np.testing.assert_array_equal(loaded.df, built.df)  # counts of the unpruned codes
+    assert loaded.df.sum() > loaded.codes.nnz
     assert [h.passage_id for h in loaded.search("zip archives", 3)] == [
         h.passage_id for h in built.search("zip archives", 3)
     ]
@@ -191,7 +197,7 @@ def test_passage_prefix_is_read_but_not_coded(built):
     assert len(with_prefix.values) == len(without.values)  # the prefix adds no token rows
     assert not np.allclose(with_prefix.values, without.values)  # but it changes what the text's tokens carry
     np.testing.assert_allclose(
-        encoder.encode_documents([text]).codes.toarray(), built.pooled.codes[0].toarray(), rtol=0.06, atol=4e-3
+        encoder.encode_documents([text]).codes.toarray(), built.codes[0].toarray(), rtol=0.06, atol=4e-3
     )
 
 
@@ -273,12 +279,28 @@ def test_per_doc_keeps_each_documents_best_passage(tiny_build_config, tiny_llm):
 
 
 def test_nan_or_negative_statistics_are_refused(built, tmp_path, tiny_llm):
-    from ragsae.storage import file_sha256
+    from ragsae.storage import file_sha256, json_checksum
 
     folder = tmp_path / "idx"
-    lengths = np.load(folder / "lengths.npy")
+    segment = folder / "segments" / "000001"
+    lengths = np.load(segment / "lengths.npy")
     lengths[0] = np.nan
-    np.save(folder / "lengths.npy", lengths)
-    rewrite_manifest(folder, lambda m: m["files"].update({"lengths.npy": file_sha256(folder / "lengths.npy")}))
+    np.save(segment / "lengths.npy", lengths)
+    digest = file_sha256(segment / "lengths.npy")
+    rewrite_manifest(folder, lambda m: m["segments"][0]["files"].update({"lengths.npy": digest}))
     with pytest.raises(IndexFolderError, match="lengths must be finite and positive"):
+        Index.load(folder, llm=tiny_llm)
+    lengths[0] = 1.0
+    np.save(segment / "lengths.npy", lengths)
+    digest = file_sha256(segment / "lengths.npy")
+    rewrite_manifest(folder, lambda m: m["segments"][0]["files"].update({"lengths.npy": digest}))
+    # Reference statistics that cannot be counts (more passages with a latent than passages).
+    config = folder / "sae" / "v1" / "config.json"
+    header = json.loads(config.read_text())
+    header["metadata"]["reference"]["df"][0] = header["metadata"]["reference"]["passages"] + 1
+    header["checksum"] = json_checksum(header)
+    config.write_text(json.dumps(header))
+    digest = file_sha256(config)
+    rewrite_manifest(folder, lambda m: m["sae"]["versions"][0]["files"].update({"config.json": digest}))
+    with pytest.raises(IndexFolderError, match=r"config\.json: metadata 'reference': 'df' must hold whole numbers"):
         Index.load(folder, llm=tiny_llm)

@@ -180,7 +180,7 @@ def test_rrf_rewards_agreement():
 def test_retriever_modes_find_self(mode):
     codes = random_codes(n=40, m=64, density=0.1, seed=3)
     w_dec = np.linalg.qr(np.random.default_rng(0).normal(size=(64, 64)))[0].astype(np.float32)
-    retriever = Retriever(codes, np.full(40, 10.0, dtype=np.float32), w_dec, ScoringConfig(mode=mode))
+    retriever = Retriever.over(codes, np.full(40, 10.0, dtype=np.float32), w_dec, ScoringConfig(mode=mode))
     rows = [r for r in range(40) if codes[r].nnz >= 3][:5]
     scores, ids = retriever.search(codes[rows], 3)
     assert (ids[:, 0] == rows).all()
@@ -190,13 +190,15 @@ def test_retriever_modes_find_self(mode):
 
 def test_explain_lists_each_passages_largest_contributions():
     codes = random_codes(n=30, m=64, density=0.2, seed=5)
-    retriever = Retriever(codes, np.full(30, 10.0, dtype=np.float32), np.eye(64, dtype=np.float32), ScoringConfig())
+    retriever = Retriever.over(
+        codes, np.full(30, 10.0, dtype=np.float32), np.eye(64, dtype=np.float32), ScoringConfig()
+    )
     weights = retriever.query_weights(codes[[4]])
     rows = [4, 0, 17, 4]
     explained = retriever.explain(weights, rows, 3)
     assert len(explained) == len(rows) and explained[0] == explained[3]
     for row, latents in zip(rows, explained):
-        dense = weights.toarray()[0] * retriever.sparse.weights[row].toarray()[0]
+        dense = weights.toarray()[0] * retriever.rows([row]).toarray()[0]
         expected = np.argsort(-dense)[: min(3, int((dense > 0).sum()))]
         assert [j for j, _ in latents] == expected.tolist()
         np.testing.assert_allclose([c for _, c in latents], dense[expected], rtol=1e-6)
@@ -215,10 +217,10 @@ def test_pruning_keeps_the_strongest_latents_per_passage():
         best = set(codes.indices[lo:hi][np.argsort(-ranking.data[lo:hi])[:3]])
         assert set(pruned[r].indices) == best
         np.testing.assert_array_equal(pruned[r].toarray()[0, list(best)], codes[r].toarray()[0, list(best)])
-    retriever = Retriever(
+    retriever = Retriever.over(
         codes, np.full(12, 5.0, dtype=np.float32), np.eye(40, dtype=np.float32), ScoringConfig(max_latents=4)
     )
-    assert np.diff(retriever.codes.indptr).max() == 4 and np.diff(retriever.sparse.weights.indptr).max() == 4
+    assert np.diff(retriever.rows(np.arange(12)).indptr).max() == 4
 
 
 @pytest.mark.parametrize("weighting", ["rank", "uniform"])
@@ -242,11 +244,11 @@ def test_feedback_finds_a_passage_that_shares_no_latent_with_the_query():
     codes = sp.csr_matrix(np.array([[2, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 2, 2, 0], [0, 0, 0, 1, 0, 0, 0, 2.0]]))
     lengths, w_dec = np.full(3, 4.0, dtype=np.float32), np.eye(8, dtype=np.float32)
     query = sp.csr_matrix(np.array([[1.0, 0, 0, 0, 0, 0, 0, 0]]))
-    plain = Retriever(codes, lengths, w_dec, ScoringConfig(feedback_passages=0))
+    plain = Retriever.over(codes, lengths, w_dec, ScoringConfig(feedback_passages=0))
     scores, ids = plain.search(query, 3)
     assert ids[0, 0] == 0 and 1 not in ids[0][np.isfinite(scores[0]) & (scores[0] > 0)]
     assert (plain.query_weights(query) != query).nnz == 0  # feedback off: the pooled codes as they are
-    retriever = Retriever(codes, lengths, w_dec, ScoringConfig(feedback_passages=1, feedback_latents=3))
+    retriever = Retriever.over(codes, lengths, w_dec, ScoringConfig(feedback_passages=1, feedback_latents=3))
     weights = retriever.query_weights(query)
     assert set(weights.indices) == {0, 5, 6}
     scores, ids = retriever.search(query, 3)

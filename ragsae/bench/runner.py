@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ..capture import ActivationCache, TokenActivations, activations_id
 from ..config import BuildConfig, CaptureConfig, SaeConfig, to_dict
 from ..encode import CodeEncoder, fit_sae, passage_activations
 from ..index import Index
-from ..layout import CODES_FILE, FAISS_FILE, SAE_WEIGHTS_FILE
+from ..layout import CODES_FILE, DROPPED_FILE, FAISS_FILE, SAE_WEIGHTS_FILE, segment_folder
 from ..lm import LoadedLlm, load_llm
 from ..provenance import command_line, git_commit, library_versions, machine
 from ..sae import SparseAutoencoder, load_sae
@@ -140,18 +141,17 @@ def run_ragsae(
     pooled = encoder.pool_activations(acts, progress=progress)
     encode_seconds = time.perf_counter() - start
     build = dataclasses.replace(build, sae=sae.config)
-    index = Index(encoder, passages, pooled, build)
+    index = Index.from_codes(encoder, passages, pooled, build)
     with tempfile.TemporaryDirectory() as tmp:
         index.save(Path(tmp) / "index")
-        disk = {name: (Path(tmp) / "index" / name).stat().st_size for name in (CODES_FILE, FAISS_FILE)}
-    codes, retriever = index.pooled.codes, index.retriever
-    # In memory: the three CSR copies the retriever keeps (codes, BM25 weights, postings) and the
-    # FAISS codes (its file's size: 8-bit vectors plus a small header).
+        segment = Path(tmp) / "index" / segment_folder(1)
+        disk = {name: (segment / name).stat().st_size for name in (CODES_FILE, DROPPED_FILE, FAISS_FILE)}
+    codes = sp.vstack([s.codes for s in index.segments], format="csr")
+    # In memory: the CSR copies kept (codes, BM25 weights, postings) and the FAISS codes (its file's
+    # size: 8-bit vectors plus a small header).
     memory = (
-        sum(
-            int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
-            for m in (retriever.codes, retriever.sparse.weights, retriever.sparse.postings)
-        )
+        int(codes.data.nbytes + codes.indices.nbytes + codes.indptr.nbytes)
+        + index.retriever.memory_bytes()
         + disk[FAISS_FILE]
     )
     qids = list(queries)

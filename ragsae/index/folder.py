@@ -1,9 +1,13 @@
-"""The index folder format: what `Index.save` writes and `Index.load` reads, with every check.
+"""The index folder format: what `Index` writes and reads, with every check.
 
-A folder holds `manifest.json` (format version, LLM id and hash, layer, configs, SAE checksum,
-counts, per-file SHA-256, library versions, creation time), `codes.npz` (compact CSR),
-`lengths.npy`, `idf.npy`, `docids.txt` (line i = passage row i), `passages.jsonl`, the dense
-backend's files (`faiss.index`) and `sae/`. File names and the format version are in `layout.py`.
+A folder holds `manifest.json` (the commit point: format version, generation, LLM id and hash,
+layer, configs, SAE versions with their lineage, the segments with each file's SHA-256 and their
+tombstone files, counts, library versions, drift history file), `sae/vN/` (one folder per SAE
+version), `segments/NNNNNN/` (written once, never changed) and `history/`. A change writes new files
+under new names, then replaces the manifest (flushed to disk): a crash at any moment leaves the old
+manifest or the new one, each naming only complete files. Files no manifest names are removed after
+the commit and by the next writer (`collect_garbage`). File names and the format version are in
+`layout.py`.
 """
 
 from __future__ import annotations
@@ -11,42 +15,41 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import json
+import re
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
-import scipy.sparse as sp
-
-from ..config import BuildConfig, to_dict
+from ..config import BuildConfig
 from ..errors import IndexFolderError, RagsaeError, SaeLoadError
 from ..layout import (
-    CHECKED_FILES,
-    CODES_FILE,
-    DOCIDS_FILE,
-    FAISS_FILE,
-    IDF_FILE,
+    HISTORY_DIR,
     INDEX_FORMAT_VERSION,
-    LENGTHS_FILE,
+    LOCK_FILE,
     MANIFEST_FILE,
-    PASSAGES_FILE,
-    SAE_DIR,
+    SAE_FILES,
+    SAE_VERSIONS_DIR,
+    SEGMENT_FILES,
+    SEGMENTS_DIR,
 )
-from ..lm import LoadedLlm
-from ..provenance import library_versions
-from ..retrieval import Backend, FaissBackend
-from ..sae import SparseAutoencoder, TrainReport, load_sae
-from ..storage import (
-    atomic_folder,
-    file_sha256,
-    json_checksum,
-    load_compact_csr,
-    read_versioned_json,
-    recover_folder,
-    save_compact_csr_atomic,
-    write_json_atomic,
-)
-from ..text import Passage
+from ..retrieval.scoring import CorpusStatistics
+from ..sae import SparseAutoencoder, load_sae
+from ..storage import file_sha256, json_checksum, read_versioned_json, recover_folder, write_json_atomic
+from .segment import Segment, read_segment
+
+T = TypeVar("T")
+
+SEGMENT_NAME = re.compile(r"^segments/\d{6}$")
+DELETES_NAME = re.compile(r"^segments/\d{6}/deleted-\d{6}\.npy$")
+SAE_FOLDER_NAME = re.compile(r"^sae/v\d+$")
+HISTORY_NAME = re.compile(r"^history/drift-\d{6}\.jsonl$")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def occupied(path: str | Path) -> bool:
@@ -81,98 +84,127 @@ def check_writable(path: str | Path, overwrite: bool, protected: Path | None = N
         raise IndexFolderError(f"{path}: exists and is not a ragsae index folder; refusing to replace it")
 
 
-@dataclass
-class IndexParts:
-    """What an index folder stores besides its manifest."""
-
-    config: BuildConfig
-    sae: SparseAutoencoder
-    passages: list[Passage]
-    codes: sp.csr_matrix
-    """Pooled codes (n_passages, num_latents), as stored (8-bit values)."""
-    lengths: np.ndarray
-    idf: np.ndarray
-    dense: Backend
+def sae_files(root: Path, folder: str) -> dict[str, str]:
+    return {name: file_sha256(root / folder / name) for name in SAE_FILES}
 
 
-@dataclass
-class IndexContents(IndexParts):
-    """Everything an index folder holds, checked against its manifest."""
-
-    manifest: dict[str, Any]
-
-
-def write_index_folder(path: str | Path, llm: LoadedLlm, parts: IndexParts, sae_report: TrainReport | None) -> Path:
-    """Write an index folder atomically: into a temporary sibling folder, then swapped into place, so
-    that a crash at any moment leaves the previous index (or none) loadable and never a mix."""
-    path = Path(path)
-    try:
-        with atomic_folder(path) as tmp:
-            write_index_files(tmp, llm, parts, sae_report)
-    except OSError as error:
-        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise IndexFolderError(
-            f"{path}: could not write the index ({reason}: {error.filename or path}); "
-            "whatever was at this path before is unchanged"
-        ) from error
-    return path
-
-
-def write_index_files(folder: Path, llm: LoadedLlm, parts: IndexParts, sae_report: TrainReport | None) -> None:
-    """The files of an index folder, written into the (new, empty) `folder`; the manifest last."""
-    config, sae, passages, codes = parts.config, parts.sae, parts.passages, parts.codes
-    sae_hash = sae.save(folder / SAE_DIR)
-    save_compact_csr_atomic(folder / CODES_FILE, codes)
-    np.save(folder / LENGTHS_FILE, parts.lengths)
-    np.save(folder / IDF_FILE, parts.idf)
-    (folder / DOCIDS_FILE).write_text("".join(p.passage_id + "\n" for p in passages), encoding="utf-8")
-    with open(folder / PASSAGES_FILE, "w", encoding="utf-8") as handle:
-        for passage in passages:
-            handle.write(json.dumps(passage.to_json(), ensure_ascii=False) + "\n")
-    parts.dense.save(folder)
+def build_manifest(
+    *,
+    created: str,
+    generation: int,
+    llm: dict[str, Any],
+    config: dict[str, Any],
+    sae_versions: list[dict[str, Any]],
+    current_sae: int,
+    segments: list[Segment],
+    history: dict[str, Any] | None,
+    library_versions: dict[str, str],
+) -> dict[str, Any]:
+    """The manifest of an index whose files are all written; its checksum covers every field."""
+    live = [p for s in segments for p in (s.passages[i] for i in s.live)]
     manifest: dict[str, Any] = {
         "format_version": INDEX_FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": library_versions(),
-        "llm": {
-            "model_id": llm.model_id,
-            "model_hash": llm.model_hash,
-            "compute_dtype": llm.dtype_name,
-            **to_dict(config.llm),
-        },
-        "layer": config.capture.layer,
-        "config": to_dict(config),
-        "sae": {
-            "weights_sha256": sae_hash,
-            "architecture": sae.config.architecture,
-            "num_latents": sae.num_latents,
-            "k": sae.config.k,
-        },
+        "created": created,
+        "updated": now(),
+        "generation": generation,
+        "versions": library_versions,
+        "llm": llm,
+        "layer": config["capture"]["layer"],
+        "config": config,
+        "sae": {"current": current_sae, "versions": sae_versions},
+        "segments": [
+            {"name": s.name, "sae_version": s.sae_version, "rows": s.rows, "files": s.files, "deleted": s.deletes}
+            for s in segments
+        ],
         "counts": {
-            "passages": len(passages),
-            "documents": len({p.doc_id for p in passages}),
-            "nonzeros": int(codes.nnz),
+            "passages": len(live),
+            "documents": len({p.doc_id for p in live}),
+            "rows": sum(s.rows for s in segments),
+            "segments": len(segments),
+            "deleted": sum(int(s.deleted.sum()) for s in segments),
+            "nonzeros": sum(int(s.codes.nnz) for s in segments),
         },
-        "files": {name: file_sha256(folder / name) for name in CHECKED_FILES},
+        "history": history,
     }
-    if sae_report is not None:
-        manifest["sae"]["train"] = sae_report.to_json()
     manifest["checksum"] = json_checksum(manifest)
-    write_json_atomic(folder / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """The commit point of every change: replace the manifest atomically, flushed to disk."""
+    write_json_atomic(root / MANIFEST_FILE, manifest, durable=True)
+
+
+def referenced_paths(manifest: dict[str, Any]) -> set[str]:
+    """Every file and folder (relative to the index) a manifest names."""
+    names = {MANIFEST_FILE, LOCK_FILE, SEGMENTS_DIR, SAE_VERSIONS_DIR, HISTORY_DIR}
+    for version in manifest["sae"]["versions"]:
+        if version.get("folder"):
+            names.add(version["folder"])
+            names.update(f"{version['folder']}/{file}" for file in version["files"])
+    for segment in manifest["segments"]:
+        names.add(segment["name"])
+        names.update(f"{segment['name']}/{file}" for file in segment["files"])
+        if segment["deleted"] is not None:
+            names.add(segment["deleted"]["file"])
+    if manifest.get("history"):
+        names.add(manifest["history"]["file"])
+    return names
+
+
+def collect_garbage(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """Remove what the manifest does not name (older tombstones, merged segments, files of a change
+    that crashed before its commit); what was removed. Only a writer holding the lock calls this;
+    a reader that loses a file to it retries from the newer manifest (`read_index_folder`)."""
+    keep = referenced_paths(manifest)
+    removed = []
+    for area in (SEGMENTS_DIR, SAE_VERSIONS_DIR, HISTORY_DIR):
+        folder = root / area
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            name = f"{area}/{entry.name}"
+            if name not in keep:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(name)
+            elif area == SEGMENTS_DIR and entry.is_dir():
+                for file in sorted(entry.iterdir()):
+                    if f"{name}/{file.name}" not in keep:
+                        file.unlink(missing_ok=True)
+                        removed.append(f"{name}/{file.name}")
+    return removed
+
+
+def next_segment_number(root: Path) -> int:
+    """One more than every segment folder present, committed or left by a crash."""
+    folder = root / SEGMENTS_DIR
+    numbers = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    return max(numbers, default=0) + 1
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of an index folder, checked: format version, its own checksum (which covers the
-    configs and the list of file checksums), and the type of every field the loader reads."""
+    configs, the SAE versions, the segments and their file checksums), and the type of every field
+    the loader reads."""
     path = Path(path)
     recover_folder(path)
     manifest_path = path / MANIFEST_FILE
-    manifest = read_versioned_json(
-        manifest_path, INDEX_FORMAT_VERSION, IndexFolderError, "a ragsae index", checksummed_from=INDEX_FORMAT_VERSION
-    )
+    try:
+        manifest = read_versioned_json(
+            manifest_path, INDEX_FORMAT_VERSION, IndexFolderError, "a ragsae index", checksummed_from=4
+        )
+    except IndexFolderError as error:
+        if "format_version 4" in str(error) or "format_version 3" in str(error):
+            raise IndexFolderError(
+                f"{error}. Rebuild it with this version; its SAE can be reused without retraining: "
+                f"ragsae build CORPUS -o NEW --sae {path / 'sae'}"
+            ) from None
+        raise
 
-    def field(dotted: str, kind: type | tuple[type, ...]) -> Any:
-        value: Any = manifest
+    def field(value: Any, dotted: str, kind: type | tuple[type, ...]) -> Any:
         for key in dotted.split("."):
             if not isinstance(value, dict) or key not in value:
                 raise IndexFolderError(f"{manifest_path}: missing field {dotted!r}")
@@ -182,124 +214,176 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         return value
 
     for dotted, kind in (
+        ("generation", int),
         ("llm.model_id", str),
         ("llm.model_hash", str),
         ("layer", int),
         ("config", dict),
-        ("sae.weights_sha256", str),
+        ("sae.current", int),
+        ("sae.versions", list),
+        ("segments", list),
         ("counts.passages", int),
-        ("files", dict),
     ):
-        field(dotted, kind)
-    if set(manifest["files"]) != set(CHECKED_FILES):
-        raise IndexFolderError(f"{manifest_path}: field 'files' must list exactly {', '.join(CHECKED_FILES)}")
-    if manifest["counts"]["passages"] < 1:
-        raise IndexFolderError(f"{manifest_path}: field 'counts.passages' must be >= 1")
+        field(manifest, dotted, kind)
+    versions = {}
+    for i, version in enumerate(manifest["sae"]["versions"]):
+        where = f"sae.versions[{i}]"
+        number = field(version, "version", int)
+        folder = version.get("folder")
+        if folder is not None and (not isinstance(folder, str) or not SAE_FOLDER_NAME.match(folder)):
+            raise IndexFolderError(f"{manifest_path}: field '{where}.folder' is not an SAE version folder name")
+        if folder is not None and set(field(version, "files", dict)) != set(SAE_FILES):
+            raise IndexFolderError(f"{manifest_path}: field '{where}.files' must list {', '.join(SAE_FILES)}")
+        versions[number] = version
+    current = manifest["sae"]["current"]
+    if current not in versions or not versions[current].get("folder"):
+        raise IndexFolderError(f"{manifest_path}: field 'sae.current' names no stored SAE version")
+    for i, segment in enumerate(manifest["segments"]):
+        where = f"segments[{i}]"
+        if not SEGMENT_NAME.match(str(field(segment, "name", str))):
+            raise IndexFolderError(f"{manifest_path}: field '{where}.name' is not a segment folder name")
+        if field(segment, "sae_version", int) != current:
+            raise IndexFolderError(f"{manifest_path}: field '{where}.sae_version' is not the current SAE version")
+        if field(segment, "rows", int) < 1:
+            raise IndexFolderError(f"{manifest_path}: field '{where}.rows' must be >= 1")
+        if set(field(segment, "files", dict)) != set(SEGMENT_FILES):
+            raise IndexFolderError(f"{manifest_path}: field '{where}.files' must list {', '.join(SEGMENT_FILES)}")
+        deleted = segment.get("deleted")
+        if deleted is not None:
+            if not DELETES_NAME.match(str(field(deleted, "file", str))) or not deleted["file"].startswith(
+                segment["name"] + "/"
+            ):
+                raise IndexFolderError(f"{manifest_path}: field '{where}.deleted.file' is not a tombstone file name")
+            field(deleted, "sha256", str)
+            if not 0 <= field(deleted, "count", int) <= segment["rows"]:
+                raise IndexFolderError(f"{manifest_path}: field '{where}.deleted.count' out of range")
+    if not manifest["segments"]:
+        raise IndexFolderError(f"{manifest_path}: field 'segments' is empty")
+    history = manifest.get("history")
+    if history is not None:
+        if not HISTORY_NAME.match(str(field(history, "file", str))):
+            raise IndexFolderError(f"{manifest_path}: field 'history.file' is not a history file name")
+        field(history, "sha256", str)
     return manifest
 
 
-def read_index_folder(path: str | Path) -> IndexContents:
+@dataclass
+class IndexContents:
+    """Everything an index folder holds, checked against its manifest."""
+
+    manifest: dict[str, Any]
+    config: BuildConfig
+    sae: SparseAutoencoder
+    segments: list[Segment]
+    history: list[dict[str, Any]]
+
+
+def read_index_folder(path: str | Path, attempts: int = 5) -> IndexContents:
     """Read an index folder, verifying every file's checksum, shapes and values against the manifest
-    (the LLM is checked by the caller, which has it). Nothing is unpickled."""
+    (the LLM is checked by the caller, which has it). Nothing is unpickled.
+
+    A writer may commit a change while this reads, and then remove files the older manifest named: the
+    read starts again from the new manifest (up to `attempts` times), so a reader always sees one
+    committed state whole."""
     path = Path(path)
-    manifest = read_manifest(path)
-    for name, digest in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise IndexFolderError(f"{file}: missing")
-        if file_sha256(file) != digest:
-            raise IndexFolderError(f"{file}: checksum mismatch with {MANIFEST_FILE} (corrupted or edited)")
+    for attempt in range(attempts):
+        manifest = read_manifest(path)
+        try:
+            return read_contents(path, manifest)
+        except IndexFolderError:
+            if attempt + 1 == attempts or read_manifest(path)["generation"] == manifest["generation"]:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def read_contents(path: Path, manifest: dict[str, Any]) -> IndexContents:
+    manifest_path = path / MANIFEST_FILE
     try:
         config = BuildConfig.from_dict(manifest["config"])
     except RagsaeError as error:
-        raise IndexFolderError(f"{path / MANIFEST_FILE}: field 'config': {error}") from None
+        raise IndexFolderError(f"{manifest_path}: field 'config': {error}") from None
     if config.capture.layer != manifest["layer"]:
-        raise IndexFolderError(f"{path / MANIFEST_FILE}: 'layer' disagrees with 'config.capture.layer'")
+        raise IndexFolderError(f"{manifest_path}: 'layer' disagrees with 'config.capture.layer'")
+    current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+    sae_folder = path / current["folder"]
+    for name, digest in current["files"].items():
+        if not (sae_folder / name).is_file():
+            raise IndexFolderError(f"{sae_folder / name}: missing")
+        if file_sha256(sae_folder / name) != digest:
+            raise IndexFolderError(f"{sae_folder / name}: checksum mismatch with the manifest (corrupted or edited)")
     try:
-        sae = load_sae(path / SAE_DIR)  # verifies the weights against its own header
+        sae = load_sae(sae_folder)  # verifies the weights against its own header
     except SaeLoadError as error:
         raise IndexFolderError(str(error)) from None
-    if sae.weights_sha256 != manifest["sae"]["weights_sha256"]:
-        raise IndexFolderError(f"{path / SAE_DIR}: SAE weights do not match the manifest's sae.weights_sha256")
-    codes = load_compact_csr(path / CODES_FILE, IndexFolderError)
-    lengths = load_array(path / LENGTHS_FILE)
-    idf = load_array(path / IDF_FILE)
-    docids = read_docids(path / DOCIDS_FILE)
-    passages = read_passages(path / PASSAGES_FILE)
-    n = manifest["counts"]["passages"]
-    shapes = {
-        CODES_FILE: codes.shape[0],
-        LENGTHS_FILE: len(lengths),
-        DOCIDS_FILE: len(docids),
-        PASSAGES_FILE: len(passages),
-    }
-    for name, rows in shapes.items():
-        if rows != n:
-            raise IndexFolderError(f"{path / name}: {rows} rows, manifest counts {n} passages")
-    if codes.shape[1] != sae.num_latents:
-        raise IndexFolderError(f"{path / CODES_FILE}: {codes.shape[1]} latent columns, SAE has {sae.num_latents}")
-    if [p.passage_id for p in passages] != docids:
-        raise IndexFolderError(f"{path / DOCIDS_FILE}: ids disagree with {PASSAGES_FILE}")
-    if len(set(docids)) != len(docids):
-        raise IndexFolderError(f"{path / DOCIDS_FILE}: passage ids are not unique")
-    if lengths.ndim != 1 or not np.isfinite(lengths).all() or (lengths <= 0).any():
-        raise IndexFolderError(f"{path / LENGTHS_FILE}: passage lengths must be finite and positive")
-    if idf.shape != (sae.num_latents,) or not np.isfinite(idf).all() or (idf < 0).any():
-        raise IndexFolderError(f"{path / IDF_FILE}: expected {sae.num_latents} finite non-negative values")
     try:
-        dense = FaissBackend.load(path)
-    except RuntimeError as error:  # FAISS reports a malformed file as a RuntimeError
-        raise IndexFolderError(f"{path / FAISS_FILE}: not a readable FAISS index ({error})") from None
-    if len(dense) != n or dense.index.d != sae.d_model:
+        CorpusStatistics.from_json(sae.metadata.get("reference"), sae.num_latents)
+    except ValueError as error:
+        raise IndexFolderError(f"{sae_folder / SAE_FILES[0]}: metadata 'reference': {error}") from None
+    segments = [read_segment(path, record, sae.num_latents, sae.d_model) for record in manifest["segments"]]
+    seen: set[str] = set()
+    for segment in segments:
+        for row in segment.live:
+            pid = segment.passages[row].passage_id
+            if pid in seen:
+                raise IndexFolderError(f"{path / segment.name}: live passage id {pid!r} appears twice")  # type: ignore[operator]
+            seen.add(pid)
+    if len(seen) != manifest["counts"]["passages"]:
         raise IndexFolderError(
-            f"{path / FAISS_FILE}: {len(dense)} vectors of dim {dense.index.d}, expected {n} of {sae.d_model}"
+            f"{manifest_path}: counts.passages is {manifest['counts']['passages']}, found {len(seen)}"
         )
-    return IndexContents(config, sae, passages, codes, lengths, idf, dense, manifest)
+    return IndexContents(manifest, config, sae, segments, read_history(path, manifest.get("history")))
+
+
+def read_history(root: Path, record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The drift reports, oldest first."""
+    if record is None:
+        return []
+    path = root / record["file"]
+    if not path.is_file():
+        raise IndexFolderError(f"{path}: missing")
+    if file_sha256(path) != record["sha256"]:
+        raise IndexFolderError(f"{path}: checksum mismatch with the manifest (corrupted or edited)")
+    reports = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise IndexFolderError(f"{path}:{number}: not a JSON report ({error.msg})") from None
+        if not isinstance(report, dict):
+            raise IndexFolderError(f"{path}:{number}: not a JSON object")
+        reports.append(report)
+    return reports
 
 
 def verify_index_folder(path: str | Path) -> dict[str, Any]:
     """Check everything in an index folder that can be checked without the LLM (`read_index_folder`);
     a summary of what was checked, or IndexFolderError naming the first fault."""
     contents = read_index_folder(path)
+    manifest = contents.manifest
     return {
         "path": str(path),
-        "format_version": contents.manifest["format_version"],
-        "passages": len(contents.passages),
-        "documents": len({p.doc_id for p in contents.passages}),
-        "files_checked": len(contents.manifest["files"]),
-        "llm": contents.manifest["llm"]["model_id"],
+        "format_version": manifest["format_version"],
+        "generation": manifest["generation"],
+        "passages": manifest["counts"]["passages"],
+        "documents": manifest["counts"]["documents"],
+        "segments": len(contents.segments),
+        "files_checked": 1
+        + len(SAE_FILES)
+        + sum(len(s.files) + (s.deletes is not None) for s in contents.segments)
+        + (manifest.get("history") is not None),
+        "llm": manifest["llm"]["model_id"],
     }
 
 
-def load_array(path: Path) -> np.ndarray:
-    """A .npy array of numbers (no pickled objects), or IndexFolderError naming the file."""
+def unchanged_on_os_error(action: Callable[[], T], path: Path) -> T:
+    """`action()`, with an OSError (disk full, permissions, ...) turned into an IndexFolderError that
+    names the file and says that the index at `path` is as it was."""
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise IndexFolderError(f"{path}: not a readable .npy array ({error})") from None
-    if array.dtype.kind not in "fiu":
-        raise IndexFolderError(f"{path}: expected numbers, got dtype {array.dtype}")
-    return array
-
-
-def read_docids(path: Path) -> list[str]:
-    """Passage ids, one per line (split on newlines only: ids may hold other line-break characters)."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise IndexFolderError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    if text and not text.endswith("\n"):
-        raise IndexFolderError(f"{path}: truncated (no final newline)")
-    return text.split("\n")[:-1]
-
-
-def read_passages(path: Path) -> list[Passage]:
-    """Passages of `passages.jsonl`, or IndexFolderError naming the line at fault."""
-    passages = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                passages.append(Passage.from_json(json.loads(raw.decode("utf-8"))))
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise IndexFolderError(f"{path}:{number}: not a passage record ({error})") from None
-    return passages
+        return action()
+    except OSError as error:
+        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise IndexFolderError(
+            f"{path}: could not write the index ({reason}: {error.filename or path}); "
+            "whatever was at this path before is unchanged"
+        ) from error

@@ -1,9 +1,19 @@
-"""`Index`: passages, their codes and the retriever over them; built, saved, loaded and searched."""
+"""`Index`: passages, their codes and the retriever over them; built, changed, saved, loaded, searched.
+
+An index is a list of segments (`segment.py`). Adding passages encodes them with the index's frozen
+SAE into a new segment; deleting marks rows; `compact` merges the segments; `retrain` trains a new SAE
+version and re-encodes. An index with a folder writes each change there as it is made (`folder.py`):
+new files, then the manifest, under a lock that admits one writing process at a time.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,49 +22,108 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..config import BuildConfig, SearchMode, to_dict
-from ..encode import CodeEncoder, PooledCodes, check_sae_matches
-from ..errors import IndexFolderError, QueryError
-from ..layout import SAE_DIR
+from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
+from ..errors import CorpusError, IndexFolderError, QueryError
+from ..layout import LOCK_FILE, SAE_VERSIONS_DIR, deletes_file, history_file, sae_version_folder, segment_folder
 from ..lm import LoadedLlm, load_llm
-from ..retrieval import Backend, Retriever
+from ..provenance import library_versions
+from ..retrieval import Retriever
+from ..retrieval.scoring import CorpusStatistics, prune_for_storage
 from ..sae import SparseAutoencoder, TrainReport
-from ..storage import storage_precision
-from ..text import Passage
+from ..sae.compare import compare_saes
+from ..storage import atomic_folder, atomic_output, exclusive_lock, file_sha256, lock_holder, storage_precision
+from ..text import Passage, load_documents, split_passages
 from .build import encode_corpus
-from .folder import IndexParts, check_writable, read_index_folder, read_manifest, write_index_folder
+from .drift import drift_report
+from .folder import (
+    build_manifest,
+    check_writable,
+    collect_garbage,
+    is_index_folder,
+    next_segment_number,
+    now,
+    read_index_folder,
+    read_manifest,
+    sae_files,
+    unchanged_on_os_error,
+    write_manifest,
+)
 from .hit import Hit
+from .segment import Segment, write_deletes, write_segment
 
 logger = logging.getLogger(__name__)
 
 
-class Index:
-    """Passages, their pooled SAE codes and the machinery to search them.
+def reference_of(sae: SparseAutoencoder) -> CorpusStatistics | None:
+    """The statistics an SAE version weights and prunes passages with (`metadata['reference']`)."""
+    data = sae.metadata.get("reference")
+    if data is None:
+        return None
+    try:
+        return CorpusStatistics.from_json(data, sae.num_latents)
+    except ValueError as error:
+        raise IndexFolderError(f"SAE metadata 'reference': {error}") from None
 
-    Build with `Index.build(corpus)`, reopen with `Index.load(path)`, query with `search`.
-    Searching is safe from several threads at once.
+
+def with_reference(sae: SparseAutoencoder, reference: CorpusStatistics) -> SparseAutoencoder:
+    """`sae` (sharing its weights) with `reference` in its metadata, leaving the caller's object as it is."""
+    copied = copy.copy(sae)
+    copied.metadata = {**sae.metadata, "reference": reference.to_json()}
+    return copied
+
+
+class Index:
+    """Passages, their pooled SAE codes and the machinery to search and change them.
+
+    Build with `Index.build(corpus)`, reopen with `Index.load(path)`, query with `search`, change with
+    `add`, `delete`, `upsert`, `compact` and `retrain`. Searching is safe from several threads at
+    once, and while one thread changes the index (a search sees the index before or after a change).
     """
 
-    def __init__(
-        self,
+    def __init__(self, encoder: CodeEncoder, config: BuildConfig, path: Path | None = None):
+        reference = reference_of(encoder.sae)
+        if reference is None:
+            raise IndexFolderError("the SAE has no reference statistics; build the index with Index.build")
+        self.encoder = encoder
+        self.config = config
+        self.path = path
+        self.reference = reference
+        self.retriever = Retriever(encoder.sae.W_dec.detach().cpu().numpy(), config.scoring, reference)
+        self.segments: list[Segment] = []
+        self.passages: list[Passage] = []
+        """Every row, deleted ones included (`Hit`s point into it)."""
+        self._snapshot = (self.retriever, self.passages)
+        """What a search reads, swapped as one: rows only grow within a retriever's life."""
+        self.doc_rows: dict[str, list[int]] = {}
+        """Live document id -> its rows."""
+        self.df = np.zeros(encoder.sae.num_latents, dtype=np.int64)
+        """On how many live passages each latent fires (unpruned)."""
+        self.history: list[dict[str, Any]] = []
+        self.sae_version = 1
+        self.sae_versions: list[dict[str, Any]] = []
+        self.generation = 0
+        self.created = now()
+        self._write_lock = threading.RLock()
+
+    @classmethod
+    def from_codes(
+        cls,
         encoder: CodeEncoder,
         passages: list[Passage],
         pooled: PooledCodes,
         config: BuildConfig,
-        dense: Backend | None = None,
-        path: Path | None = None,
         sae_report: TrainReport | None = None,
-        idf: np.ndarray | None = None,
-    ):
-        self.encoder = encoder
-        self.passages = passages
-        self.config = config
-        self.path = path
-        self.sae_report = sae_report
-        w_dec = encoder.sae.W_dec.detach().cpu().numpy()
-        # Codes are searched at the precision they are stored in, so a loaded index scores as built.
-        pooled = PooledCodes(storage_precision(pooled.codes), pooled.lengths)
-        self.retriever = Retriever(pooled.codes, pooled.lengths, w_dec, config.scoring, dense, idf)
-        self.pooled = PooledCodes(self.retriever.codes, pooled.lengths)  # pruned when max_latents is set
+    ) -> Index:
+        """A one-segment index over pooled codes. An SAE without reference statistics gets those of these
+        passages (an SAE trained on them has them already)."""
+        codes = storage_precision(pooled.codes)  # searched at the precision they are stored in
+        reference = reference_of(encoder.sae) or CorpusStatistics.of(codes, pooled.lengths)
+        sae = with_reference(encoder.sae, reference)
+        encoder = CodeEncoder(encoder.llm, sae, encoder.capture, encoder.pooling, encoder.cache)
+        index = cls(encoder, config)
+        index.sae_versions = [version_record(1, sae, None, "scratch" if sae_report else "given", len(passages))]
+        index._append(index._segment(passages, codes, pooled.lengths))
+        return index
 
     @property
     def llm(self) -> LoadedLlm:
@@ -65,7 +134,18 @@ class Index:
         return self.encoder.sae
 
     def __len__(self) -> int:
-        return len(self.passages)
+        """Live passages."""
+        return sum(len(rows) for rows in self.doc_rows.values())
+
+    @property
+    def codes(self) -> sp.csr_matrix:
+        """Stored (pruned) codes of every row, deleted ones included, in row order."""
+        return sp.vstack([s.codes for s in self.segments], format="csr")
+
+    @property
+    def documents(self) -> list[str]:
+        """Live document ids, in the order they were added."""
+        return list(self.doc_rows)
 
     # --- building ------------------------------------------------------------------------
     @classmethod
@@ -86,17 +166,66 @@ class Index:
         Args:
             corpus: JSONL file, BEIR folder, folder of .txt/.md files, or an iterable of
                 strings, dicts or `Document`s.
-            sae: an SAE (or its folder) to reuse; None trains one on the corpus.
+            sae: an SAE, its folder, or an index folder (its current SAE) to reuse; None trains one.
             cache_dir: where to cache captured activations (None: no cache).
         """
         config = config or BuildConfig()
         if path is not None:
             check_writable(path, overwrite, Path(corpus) if isinstance(corpus, (str, Path)) else None)
+        if isinstance(sae, (str, Path)):
+            sae = Path(sae)
+            if is_index_folder(sae.parent) and sae.name == SAE_VERSIONS_DIR:  # INDEX/sae: its versions' folder
+                sae = sae.parent
+            if is_index_folder(sae):
+                sae = Index.current_sae_folder(sae)
         built = encode_corpus(corpus, config, sae, llm, skip_empty, cache_dir, progress)
-        index = cls(built.encoder, built.passages, built.pooled, built.config, sae_report=built.sae_report)
+        index = cls.from_codes(built.encoder, built.passages, built.pooled, built.config, built.sae_report)
         if path is not None:
             index.save(path, overwrite=overwrite)
         return index
+
+    @staticmethod
+    def current_sae_folder(path: str | Path) -> Path:
+        """The folder of an index's current SAE version."""
+        manifest = read_manifest(path)
+        current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+        return Path(path) / current["folder"]
+
+    # --- segments in memory ------------------------------------------------------------------
+    def _segment(self, passages: list[Passage], codes: sp.csr_matrix, lengths: np.ndarray) -> Segment:
+        """A new segment of passage codes (at storage precision), pruned with the reference statistics."""
+        cfg = self.config.scoring
+        kept, dropped = prune_for_storage(codes, lengths, self.reference, cfg.k1, cfg.b, cfg.max_latents)
+        lengths = np.asarray(lengths, dtype=np.float32)
+        segment = Segment(passages, kept, dropped, lengths, self.sae_version, np.zeros(len(passages), dtype=bool))
+        segment.search = self.retriever.new_segment(kept, lengths)
+        return segment
+
+    def _append(self, segment: Segment) -> None:
+        """Make a segment searchable (its deleted rows masked) and count its live passages."""
+        if segment.search is None:
+            segment.search = self.retriever.new_segment(segment.codes, segment.lengths, segment.dense)
+        start = len(self.passages)
+        self.retriever.add_segment(segment.search, segment.deleted)
+        self.segments.append(segment)
+        self.passages.extend(segment.passages)
+        for row in segment.live:
+            self.doc_rows.setdefault(segment.passages[row].doc_id, []).append(start + int(row))
+        self.df += segment.counts(segment.live)
+        self._refresh_statistics()
+
+    def _refresh_statistics(self) -> None:
+        self.retriever.set_live_statistics(CorpusStatistics(max(1, len(self)), self.reference.avg_length, self.df))
+
+    def live_statistics(self) -> dict[str, Any]:
+        """Passages, mean length and latents in use over the live passages."""
+        lengths = [s.lengths[s.live] for s in self.segments]
+        joined = np.concatenate(lengths) if lengths else np.zeros(0)
+        return {
+            "passages": len(self),
+            "avg_length": float(joined.mean()) if len(joined) else 0.0,
+            "latents_in_use": int((self.df > 0).sum()),
+        }
 
     # --- searching -----------------------------------------------------------------------
     def encode_queries(self, queries: list[str]) -> sp.csr_matrix:
@@ -131,14 +260,15 @@ class Index:
             if not text.strip():
                 raise QueryError(f"query {qid!r} is empty")
         qcodes = self.encode_queries(list(queries.values()))
-        weights = self.retriever.query_weights(qcodes)
-        n = len(self.passages)
+        retriever, passages = self._snapshot
+        weights = retriever.query_weights(qcodes)
+        n = max(1, retriever.live_rows)
         depth = min(int(k), n)  # no more hits than passages, however large k is
         if per_doc:
             depth = min(n, max(4 * depth, 100))
         while True:
-            scores, ids = self.retriever.search(qcodes, depth, mode, weights)
-            chosen = [self._keep(row_ids, k, per_doc) for row_ids in ids]
+            scores, ids = retriever.search(qcodes, depth, mode, weights)
+            chosen = [self._keep(passages, row_ids, k, per_doc) for row_ids in ids]
             # Per document, search deeper until each query has k documents or every passage was seen.
             if not per_doc or depth == n or all(len(rows) == k for rows in chosen):
                 break
@@ -147,21 +277,15 @@ class Index:
         results: dict[str, list[Hit]] = {}
         for row, qid in enumerate(queries):
             pids, hit_scores = ids[row][chosen[row]], scores[row][chosen[row]]
-            explained = self.retriever.explain(weights[row], pids, top)
+            explained = retriever.explain(weights[row], pids, top)
             results[qid] = [
-                Hit(
-                    self.passages[pid].passage_id,
-                    self.passages[pid].doc_id,
-                    float(score),
-                    rank,
-                    self.passages[pid].text,
-                    latents,
-                )
+                Hit(passages[pid].passage_id, passages[pid].doc_id, float(score), rank, passages[pid].text, latents)
                 for rank, (pid, score, latents) in enumerate(zip(pids.tolist(), hit_scores, explained), 1)
             ]
         return results
 
-    def _keep(self, ids: np.ndarray, k: int, per_doc: bool) -> np.ndarray:
+    @staticmethod
+    def _keep(passages: list[Passage], ids: np.ndarray, k: int, per_doc: bool) -> np.ndarray:
         """Positions in one query's ranked `ids` to return: the first k real hits (-1 pads), or with
         `per_doc` the first k passages of distinct documents."""
         if not per_doc:
@@ -169,29 +293,351 @@ class Index:
         seen: set[str] = set()
         kept = []
         for position, pid in enumerate(ids.tolist()):
-            if pid >= 0 and self.passages[pid].doc_id not in seen:
-                seen.add(self.passages[pid].doc_id)
+            if pid >= 0 and passages[pid].doc_id not in seen:
+                seen.add(passages[pid].doc_id)
                 kept.append(position)
                 if len(kept) == k:
                     break
         return np.array(kept, dtype=np.int64)
 
+    # --- changing ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One change at a time: in this process (a thread lock) and across processes (the folder's lock)."""
+        with self._write_lock:
+            if self.path is None:
+                yield
+                return
+            lock = self.path / LOCK_FILE
+            try:
+                with exclusive_lock(lock):
+                    on_disk = read_manifest(self.path)["generation"]
+                    if on_disk != self.generation:
+                        raise IndexFolderError(
+                            f"{self.path}: changed by another process since it was loaded (generation "
+                            f"{on_disk}, loaded {self.generation}); load it again"
+                        )
+                    yield
+            except BlockingIOError:
+                raise IndexFolderError(
+                    f"{self.path}: another process (pid {lock_holder(lock)}) is changing this index; "
+                    "try again when it has finished"
+                ) from None
+
+    def add(self, documents: Any, skip_empty: bool = False, progress: bool = False) -> dict[str, Any]:
+        """Encode new documents with the index's SAE into a new segment; their ids must be new
+        (`upsert` replaces). Returns the drift report of the new passages (also kept in `history`)."""
+        return self._change(documents, replace_existing=False, skip_empty=skip_empty, progress=progress)
+
+    def upsert(self, documents: Any, skip_empty: bool = False, progress: bool = False) -> dict[str, Any]:
+        """Add documents, replacing the live documents with the same ids, in one change."""
+        return self._change(documents, replace_existing=True, skip_empty=skip_empty, progress=progress)
+
+    def delete(self, doc_ids: Iterable[str], missing_ok: bool = False) -> int:
+        """Delete documents by id; the number of passages deleted. An id that is not a live document is
+        a CorpusError unless `missing_ok`."""
+        doc_ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+        with self._writing():
+            missing = [d for d in doc_ids if d not in self.doc_rows]
+            if missing and not missing_ok:
+                raise CorpusError(f"no live document with id {', '.join(map(repr, missing[:5]))}")
+            rows = self._rows_of([d for d in doc_ids if d in self.doc_rows])
+            if len(rows):
+                self._commit_and_apply(deleted_rows=rows)
+            return len(rows)
+
+    def _rows_of(self, doc_ids: list[str]) -> np.ndarray:
+        return np.array(sorted({r for d in doc_ids for r in self.doc_rows.get(d, [])}), dtype=np.int64)
+
+    def _change(self, documents: Any, replace_existing: bool, skip_empty: bool, progress: bool) -> dict[str, Any]:
+        docs = load_documents(documents, skip_empty=skip_empty)
+        with self._writing():
+            ids = [d.doc_id for d in docs]
+            existing = [d for d in ids if d in self.doc_rows]
+            if existing and not replace_existing:
+                raise CorpusError(
+                    f"document id {existing[0]!r} is already in the index ({len(existing)} such); "
+                    "use upsert to replace documents"
+                )
+            replaced = self._rows_of(existing)
+            capture = self.config.capture
+            passages = split_passages(docs, self.llm.tokenizer, capture.window, capture.overlap)
+            live_ids = {self.passages[r].passage_id for rows in self.doc_rows.values() for r in rows}
+            live_ids -= {self.passages[r].passage_id for r in replaced}
+            clash = [p.passage_id for p in passages if p.passage_id in live_ids]
+            if clash:
+                raise CorpusError(f"passage id {clash[0]!r} of a new document is already a live passage's id")
+            texts = [p.text for p in passages]
+            acts = passage_activations(self.llm, texts, capture, self.encoder.cache, progress)
+            pooled = self.encoder.pool_activations(acts, progress)
+            segment = self._segment(passages, storage_precision(pooled.codes), pooled.lengths)
+            report = self._drift(acts.values, segment, replaced, "upsert" if replace_existing else "add")
+            self._commit_and_apply(new_segment=segment, deleted_rows=replaced, report=report)
+            if report["needs_retrain"]:
+                logger.warning("drift: %s (ragsae retrain)", "; ".join(report["reasons"]))
+            return report
+
+    def drift(self, documents: Any, skip_empty: bool = False, progress: bool = False) -> dict[str, Any]:
+        """The drift report `add` would give for these documents, without adding them."""
+        docs = load_documents(documents, skip_empty=skip_empty)
+        capture = self.config.capture
+        passages = split_passages(docs, self.llm.tokenizer, capture.window, capture.overlap)
+        acts = passage_activations(self.llm, [p.text for p in passages], capture, self.encoder.cache, progress)
+        pooled = self.encoder.pool_activations(acts, progress)
+        segment = self._segment(passages, storage_precision(pooled.codes), pooled.lengths)
+        return self._drift(acts.values, segment, np.zeros(0, dtype=np.int64), "check")
+
+    def _drift(
+        self, token_values: np.ndarray, segment: Segment, replaced: np.ndarray, operation: str
+    ) -> dict[str, Any]:
+        """Drift of a new segment against the live passages (those it replaces left out)."""
+        indexed = self.df - self._counts_of_rows(replaced)
+        live = np.concatenate([s.live + int(o) for s, o in zip(self.segments, self.retriever.view.offsets)])
+        live = np.setdiff1d(live, replaced)
+        # The baseline sample is at most half the index, so that it differs from the whole.
+        rng = np.random.default_rng(len(live))
+        sample = np.sort(rng.choice(live, min(len(live) // 2, segment.rows), replace=False))
+        return drift_report(
+            self.sae,
+            token_values,
+            segment.counts(),
+            segment.rows,
+            indexed,
+            len(live),
+            self._counts_of_rows(sample),
+            len(sample),
+            self.config.drift,
+            operation,
+        )
+
+    def _counts_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        counts = np.zeros(self.sae.num_latents, dtype=np.int64)
+        if len(rows) == 0:
+            return counts
+        segment_of, local = self.retriever.view.locate(np.asarray(rows, dtype=np.int64))
+        for s in np.unique(segment_of):
+            counts += self.segments[s].counts(local[segment_of == s])
+        return counts
+
+    def compact(self, progress: bool = False) -> dict[str, Any]:
+        """Merge every segment into one, leaving deleted passages out; what was merged."""
+        with self._writing():
+            before = {
+                "segments": len(self.segments),
+                "rows": len(self.passages),
+                "deleted": len(self.passages) - len(self),
+            }
+            if len(self) == 0:
+                raise IndexFolderError("every passage is deleted: nothing to compact into (add documents first)")
+            codes = sp.vstack([s.codes[s.live] for s in self.segments], format="csr")
+            dropped = sp.vstack([s.dropped[s.live] for s in self.segments], format="csr")
+            lengths = np.concatenate([s.lengths[s.live] for s in self.segments])
+            passages = [s.passages[i] for s in self.segments for i in s.live]
+            merged = Segment(passages, codes, dropped, lengths, self.sae_version, np.zeros(len(passages), dtype=bool))
+            merged.search = self.retriever.new_segment(codes, lengths)
+            self._commit_and_apply(new_segment=merged, replace_all=True)
+            return {**before, "after": {"segments": 1, "rows": len(passages)}}
+
+    def retrain(
+        self,
+        from_current: bool = True,
+        epochs: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Train a new SAE version on the live passages (continuing from the current SAE, the light
+        re-training, or from scratch), re-encode them into one segment and swap it in atomically.
+        Returns the new version's record, with a comparison to the previous SAE."""
+        with self._writing():
+            if len(self) == 0:
+                raise IndexFolderError("every passage is deleted: nothing to train on")
+            passages = [s.passages[i] for s in self.segments for i in s.live]
+            texts = [p.text for p in passages]
+            capture = self.config.capture
+            sae_config = self.sae.config if epochs is None else replace(self.sae.config, epochs=epochs)
+            acts = passage_activations(self.llm, texts, capture, self.encoder.cache, progress)
+            start = self.sae if from_current else None
+            trained, report = fit_sae(self.llm, texts, acts, capture, sae_config, progress, start)
+            trained = trained.to(self.llm.device).eval()
+            encoder = CodeEncoder(self.llm, trained, capture, self.encoder.pooling, self.encoder.cache)
+            pooled = encoder.pool_activations(acts, progress)
+            codes = storage_precision(pooled.codes)
+            reference = CorpusStatistics.of(codes, pooled.lengths)
+            trained.metadata["reference"] = reference.to_json()
+            comparison = compare_saes(self.sae, trained, self.df > 0, reference.df > 0)
+            version = max(v["version"] for v in self.sae_versions) + 1
+            record = version_record(
+                version, trained, self.sae_version, f"v{self.sae_version}" if from_current else "scratch", len(passages)
+            )
+            record["comparison"] = comparison
+            successor = Index(encoder, replace(self.config, sae=trained.config), self.path)
+            successor.sae_version = version
+            segment = successor._segment(passages, codes, pooled.lengths)
+            self._commit_and_apply(new_segment=segment, replace_all=True, new_sae=(successor, record))
+            return record
+
+    def _commit_and_apply(
+        self,
+        new_segment: Segment | None = None,
+        deleted_rows: np.ndarray | None = None,
+        report: dict[str, Any] | None = None,
+        replace_all: bool = False,
+        new_sae: tuple[Index, dict[str, Any]] | None = None,
+    ) -> None:
+        """Write one change (when the index has a folder), then apply it in memory. Nothing in memory
+        changes unless the change was committed."""
+        segments = [] if replace_all else [replace(s) for s in self.segments]
+        if deleted_rows is not None and len(deleted_rows):
+            segment_of, local = self.retriever.view.locate(deleted_rows)
+            for s in np.unique(segment_of):
+                segments[s].deleted = segments[s].deleted.copy()
+                segments[s].deleted[local[segment_of == s]] = True
+        if new_segment is not None:
+            segments.append(new_segment)
+        history = self.history + ([report] if report is not None else [])
+        versions = self.sae_versions + ([new_sae[1]] if new_sae else [])
+        current = new_sae[1]["version"] if new_sae else self.sae_version
+        generation = self.generation + 1
+        if self.path is not None:
+            sae = new_sae[0].sae if new_sae else None
+            unchanged_on_os_error(
+                lambda: self._write_change(segments, history, versions, current, generation, sae), self.path
+            )
+        # Committed: apply in memory.
+        if new_sae is not None:
+            successor = new_sae[0]
+            self.encoder, self.config, self.reference = successor.encoder, successor.config, successor.reference
+            self.sae_version = current
+        if replace_all or new_sae is not None:
+            self._rebuild(segments)
+        else:
+            if deleted_rows is not None and len(deleted_rows):
+                self.df -= self._counts_of_rows(deleted_rows)
+                self.retriever.delete_rows(deleted_rows)
+                gone = set(deleted_rows.tolist())
+                for doc in {self.passages[r].doc_id for r in gone}:
+                    rows = [r for r in self.doc_rows[doc] if r not in gone]
+                    if rows:
+                        self.doc_rows[doc] = rows
+                    else:
+                        del self.doc_rows[doc]
+            self.segments = segments[: len(self.segments)]
+            if new_segment is not None:
+                self._append(new_segment)
+            else:
+                self._refresh_statistics()
+        self.history, self.sae_versions, self.generation = history, versions, generation
+
+    def _rebuild(self, segments: list[Segment]) -> None:
+        """Search state made anew from `segments` (after a compaction or a new SAE version), then swapped in."""
+        fresh = Index(self.encoder, self.config, self.path)
+        for segment in segments:
+            fresh._append(segment)
+        self.retriever, self.segments, self.passages = fresh.retriever, fresh.segments, fresh.passages
+        self.doc_rows, self.df = fresh.doc_rows, fresh.df
+        self._snapshot = fresh._snapshot
+
+    def _write_change(
+        self,
+        segments: list[Segment],
+        history: list[dict[str, Any]],
+        versions: list[dict[str, Any]],
+        current: int,
+        generation: int,
+        new_sae: SparseAutoencoder | None,
+    ) -> None:
+        """New files under new names, then the manifest (the commit), then what it no longer names goes."""
+        assert self.path is not None
+        root = self.path
+        named = self._write_files(root, segments, history, versions, current, generation, new_sae, fresh=False)
+        write_manifest(root, named)
+        removed = collect_garbage(root, named)
+        logger.debug("committed generation %d of %s; removed %d stale files", generation, root, len(removed))
+
+    def _write_files(
+        self,
+        root: Path,
+        segments: list[Segment],
+        history: list[dict[str, Any]],
+        versions: list[dict[str, Any]],
+        current: int,
+        generation: int,
+        new_sae: SparseAutoencoder | None,
+        fresh: bool,
+    ) -> dict[str, Any]:
+        """Write whatever of this state is not on disk at `root` yet (everything when `fresh`); the
+        manifest that describes it, not yet written."""
+        number = 1 if fresh else next_segment_number(root)
+        for segment in segments:
+            if fresh or segment.name is None:
+                name = segment_folder(number)
+                number += 1
+                assert segment.search is not None
+                segment.files = write_segment(root / name, segment, segment.search.dense)
+                segment.name, segment.deletes = name, None
+            if segment.deleted.any() and (fresh or not segment.deletes_written):
+                assert segment.name is not None
+                file = deletes_file(segment.name, generation)
+                segment.deletes = {"file": file, **write_deletes(root / file, segment.deleted)}
+        for record in versions:
+            if record["version"] == current and (fresh or new_sae is not None):
+                sae = new_sae if new_sae is not None else self.sae
+                record["folder"] = sae_version_folder(current)
+                sae.save(root / record["folder"])
+                record["files"] = sae_files(root, record["folder"])
+            elif fresh:
+                record["folder"], record["files"] = None, None  # lineage only: the weights stay behind
+        history_record = None
+        if history:
+            file = history_file(generation)
+            (root / file).parent.mkdir(exist_ok=True)
+            with atomic_output(root / file, "w", durable=True) as handle:
+                handle.writelines(_json_line(report) for report in history)
+            history_record = {
+                "file": file,
+                "sha256": file_sha256(root / file),
+                "reports": len(history),
+                "needs_retrain": bool(history[-1]["needs_retrain"]),
+                "last": history[-1],
+            }
+        return build_manifest(
+            created=self.created,
+            generation=generation,
+            llm={
+                "model_id": self.llm.model_id,
+                "model_hash": self.llm.model_hash,
+                "compute_dtype": self.llm.dtype_name,
+                **to_dict(self.config.llm),
+            },
+            config=to_dict(self.config),
+            sae_versions=versions,
+            current_sae=current,
+            segments=segments,
+            history=history_record,
+            library_versions=library_versions(),
+        )
+
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the index folder atomically (`index/folder.py`)."""
+        """Write the whole index as a new folder, atomically (a crash leaves what was at `path` before).
+        Older SAE versions are kept as lineage records, without their weights."""
         path = Path(path)
         check_writable(path, overwrite)
-        parts = IndexParts(
-            self.config,
-            self.sae,
-            self.passages,
-            self.pooled.codes,
-            self.pooled.lengths,
-            self.retriever.idf,
-            self.retriever.dense,
-        )
-        self.path = write_index_folder(path, self.llm, parts, self.sae_report)
-        return self.path
+        with self._write_lock:
+            segments = [replace(s) for s in self.segments]
+            versions = [dict(v) for v in self.sae_versions]
+            generation = self.generation + 1
+
+            def write() -> dict[str, Any]:
+                with atomic_folder(path) as tmp:
+                    manifest = self._write_files(
+                        tmp, segments, self.history, versions, self.sae_version, generation, None, True
+                    )
+                    write_manifest(tmp, manifest)
+                return manifest
+
+            unchanged_on_os_error(write, path)
+            self.segments, self.sae_versions, self.generation, self.path = segments, versions, generation, path
+            return path
 
     @staticmethod
     def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -221,26 +667,68 @@ class Index:
                 f"but {llm.model_id} (hash {llm.model_hash[:12]}) was given"
             )
         sae = contents.sae
-        check_sae_matches(sae, llm, config.capture, str(path / SAE_DIR))
+        check_sae_matches(sae, llm, config.capture, str(cls.current_sae_folder(path)))
         encoder = CodeEncoder(llm, sae.to(llm.device), config.capture, config.scoring.pooling)
-        pooled = PooledCodes(contents.codes, contents.lengths)
-        return cls(encoder, contents.passages, pooled, config, contents.dense, path, idf=contents.idf)
+        index = cls(encoder, config, path)
+        index.sae_version = manifest["sae"]["current"]
+        index.sae_versions = manifest["sae"]["versions"]
+        index.generation, index.created, index.history = manifest["generation"], manifest["created"], contents.history
+        for segment in contents.segments:
+            index._append(segment)
+        return index
 
     def info(self) -> dict[str, Any]:
         """Summary for `ragsae info`."""
-        codes = self.pooled.codes
+        nonzeros = sum(int(s.codes[s.live].nnz) for s in self.segments)
+        last = self.history[-1] if self.history else None
         return {
             "path": str(self.path) if self.path else None,
             "llm": self.llm.model_id,
             "layer": self.config.capture.layer,
             "sae": {
+                "version": self.sae_version,
                 "architecture": self.sae.config.architecture,
                 "num_latents": self.sae.num_latents,
                 "k": self.sae.config.k,
                 **({"train": self.sae.metadata["train"]} if "train" in self.sae.metadata else {}),
             },
-            "passages": len(self.passages),
-            "documents": len({p.doc_id for p in self.passages}),
-            "mean_active_latents_per_passage": float(codes.nnz / max(1, codes.shape[0])),
+            "sae_versions": [
+                {key: v.get(key) for key in ("version", "parent", "started_from", "created", "passages", "comparison")}
+                for v in self.sae_versions
+            ],
+            "passages": len(self),
+            "documents": len(self.doc_rows),
+            "segments": len(self.segments),
+            "deleted_rows": len(self.passages) - len(self),
+            "generation": self.generation,
+            "mean_active_latents_per_passage": nonzeros / max(1, len(self)),
+            "live": self.live_statistics(),
+            "reference": {"passages": self.reference.passages, "avg_length": self.reference.avg_length},
+            "needs_retrain": bool(last and last["needs_retrain"]),
+            "last_drift": last,
+            "drift_reports": len(self.history),
             "scoring": to_dict(self.config.scoring),
         }
+
+
+def version_record(
+    version: int, sae: SparseAutoencoder, parent: int | None, started_from: str, passages: int
+) -> dict[str, Any]:
+    """An SAE version's manifest entry (its folder and file checksums are added when it is written)."""
+    return {
+        "version": version,
+        "folder": None,
+        "files": None,
+        "architecture": sae.config.architecture,
+        "num_latents": sae.num_latents,
+        "k": sae.config.k,
+        "created": now(),
+        "parent": parent,
+        "started_from": started_from,
+        "passages": passages,
+        "train": sae.metadata.get("train"),
+    }
+
+
+def _json_line(report: dict[str, Any]) -> str:
+    return json.dumps(report, sort_keys=True) + "\n"

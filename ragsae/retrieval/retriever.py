@@ -1,9 +1,17 @@
-"""Scoring pooled query codes against an index's passages in one of the search modes."""
+"""Scoring pooled query codes against an index's passages in one of the search modes.
+
+Passages live in segments (one per build or add, as Lucene does): each segment's BM25 weights are
+computed once, with the reference statistics of the SAE version, and never rewritten. Deleted rows
+are masked, not removed. What depends on the live corpus (the latents' IDF) is applied to the query:
+a latent's query weight is scaled by its live IDF over its reference IDF, which gives exactly the
+scores of weights computed with the live IDF.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -13,62 +21,214 @@ from ..errors import QueryError
 from .backends import Backend, CsrBackend, FaissBackend
 from .feedback import feedback_queries
 from .fusion import reciprocal_rank_fusion
-from .scoring import bm25_document_weights, decoder_vectors, latent_idf, row_norms, strongest_entries, take_entries
+from .scoring import CorpusStatistics, bm25_document_weights, decoder_vectors, prune_for_storage, row_norms
 
 
-class Retriever:
-    """Scores pooled query codes against an index's passage codes in the configured mode."""
+class SearchSegment:
+    """One segment's passage weights (sparse) and, built on first use unless given, its dense vectors."""
 
-    def __init__(
-        self,
-        codes: sp.csr_matrix,
-        lengths: np.ndarray,
-        w_dec: np.ndarray,
-        config: ScoringConfig,
-        dense: Backend | None = None,
-        idf: np.ndarray | None = None,
-    ):
-        self.config = config
-        self.avg_length = float(lengths.mean())
-        # IDF comes from the unpruned codes (given back by a saved index): pruning must not make a
-        # latent look rarer than it is.
-        self.idf = latent_idf(codes) if idf is None else idf
-        weights = bm25_document_weights(codes, lengths, self.idf, config.k1, config.b, self.avg_length)
-        if config.max_latents is not None and np.diff(codes.indptr).max(initial=0) > config.max_latents:
-            # A BM25 weight depends only on its own entry and the passage length: pruning the weights
-            # as the codes are pruned gives what recomputing them on the pruned codes would.
-            kept = strongest_entries(weights, config.max_latents)
-            codes, weights = take_entries(codes, *kept), take_entries(weights, *kept)
-        self.codes = codes
+    def __init__(self, weights: sp.csr_matrix, w_dec: np.ndarray, dense: Backend | None = None):
         self.sparse = CsrBackend.of(weights)
-        self.w_dec = w_dec
+        self._w_dec = w_dec
         self._dense = dense
-        self._dense_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     @property
     def dense(self) -> Backend:
-        """The dense backend (8-bit FAISS over decoder-space vectors), built on first use unless given."""
-        with self._dense_lock:
+        """8-bit FAISS over the decoder-space vectors of the segment's weights."""
+        with self._lock:
             if self._dense is None:
-                weights = self.sparse.rows(np.arange(len(self.sparse)))
-                self._dense = FaissBackend.build(decoder_vectors(weights, self.w_dec), quantized=True)
+                weights = self.sparse.weights
+                self._dense = FaissBackend.build(decoder_vectors(weights, self._w_dec), quantized=True)
             return self._dense
+
+    @property
+    def dense_ready(self) -> bool:
+        return self._dense is not None
+
+    def __len__(self) -> int:
+        return len(self.sparse)
+
+
+@dataclass(frozen=True)
+class SegmentsView:
+    """An immutable snapshot of the searchable segments: searches read one view from start to end, while
+    a writer in the same process builds the next one and swaps it in."""
+
+    segments: tuple[SearchSegment, ...]
+    deleted: tuple[np.ndarray, ...]
+    """Per segment, bool (rows,): True where the passage was deleted."""
+    offsets: np.ndarray
+    """Global row id of each segment's first row, and the total row count last."""
+    scale: np.ndarray
+    """(num_latents,) float32: live IDF / reference IDF."""
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment number, row within it) of global `rows`."""
+        segment = np.searchsorted(self.offsets, rows, side="right") - 1
+        return segment, rows - self.offsets[segment]
+
+
+class SegmentedSparse:
+    """The sparse weights of every live passage, searched as one store (same calls as a `Backend`)."""
+
+    def __init__(self, retriever: Retriever):
+        self._retriever = retriever
+
+    def search(self, queries: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+        view = self._retriever.view
+        return merge_segments(view, [(s.sparse, queries) for s in view.segments], k)
+
+    def rows(self, ids: Sequence[int] | np.ndarray) -> sp.csr_matrix:
+        return self._retriever.rows(ids)
+
+    def __len__(self) -> int:
+        return self._retriever.live_rows
+
+
+def merge_segments(view: SegmentsView, searches: list[tuple[Backend, object]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` live rows per query over all segments as (scores, global ids), (nq, k), ties broken by
+    row id; each segment is searched deep enough to find k live rows past its deleted ones."""
+    all_scores, all_ids = [], []
+    for (backend, queries), dead, offset in zip(searches, view.deleted, view.offsets[:-1]):
+        rows = len(backend)
+        if rows == 0:
+            continue
+        depth = min(rows, k + int(dead.sum()))
+        scores, ids = backend.search(queries, depth)
+        keep = ids >= 0
+        keep[keep] &= ~dead[ids[keep]]
+        all_scores.append(np.where(keep, scores, -np.inf))
+        all_ids.append(np.where(keep, ids + offset, -1))
+    if not all_scores:
+        nq = _rows_of(searches[0][1]) if searches else 0
+        return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+    scores, ids = np.concatenate(all_scores, axis=1), np.concatenate(all_ids, axis=1)
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores.astype(np.float64)), axis=1)[:, :k]
+    best, best_ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    if best.shape[1] < k:
+        pad = ((0, 0), (0, k - best.shape[1]))
+        best, best_ids = np.pad(best, pad, constant_values=-np.inf), np.pad(best_ids, pad, constant_values=-1)
+    return best.astype(np.float32), best_ids.astype(np.int64)
+
+
+def _rows_of(queries: object) -> int:
+    return int(queries.shape[0])  # type: ignore[attr-defined]
+
+
+class Retriever:
+    """Scores pooled query codes against an index's passage segments in the configured mode."""
+
+    def __init__(self, w_dec: np.ndarray, config: ScoringConfig, reference: CorpusStatistics):
+        self.config = config
+        self.w_dec = w_dec
+        self.reference = reference
+        self.reference_idf = reference.idf()
+        self.view = SegmentsView((), (), np.zeros(1, dtype=np.int64), np.ones(len(self.reference_idf), np.float32))
+        self.sparse = SegmentedSparse(self)
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def over(cls, codes: sp.csr_matrix, lengths: np.ndarray, w_dec: np.ndarray, config: ScoringConfig) -> Retriever:
+        """A one-segment retriever over passage codes, with their own statistics as the reference (pruned
+        to `config.max_latents`): what an index built from these passages searches."""
+        reference = CorpusStatistics.of(codes, lengths)
+        kept, _ = prune_for_storage(codes, lengths, reference, config.k1, config.b, config.max_latents)
+        retriever = cls(w_dec, config, reference)
+        retriever.add_segment(retriever.new_segment(kept, lengths))
+        return retriever
+
+    # --- the passages ------------------------------------------------------------------
+    def document_weights(self, codes: sp.csr_matrix, lengths: np.ndarray) -> sp.csr_matrix:
+        """BM25 weights of (already pruned) passage codes under the reference statistics."""
+        cfg = self.config
+        return bm25_document_weights(codes, lengths, self.reference_idf, cfg.k1, cfg.b, self.reference.avg_length)
+
+    def new_segment(self, codes: sp.csr_matrix, lengths: np.ndarray, dense: Backend | None = None) -> SearchSegment:
+        """A searchable segment of passage codes (pruned, at storage precision), not yet added."""
+        return SearchSegment(self.document_weights(codes, lengths), self.w_dec, dense)
+
+    def add_segment(self, segment: SearchSegment, deleted: np.ndarray | None = None) -> None:
+        """Append a segment as the next rows (`deleted` ones masked)."""
+        dead = np.zeros(len(segment), dtype=bool) if deleted is None else np.asarray(deleted, dtype=bool)
+        with self._write_lock:
+            view = self.view
+            self.view = replace(
+                view,
+                segments=view.segments + (segment,),
+                deleted=view.deleted + (dead,),
+                offsets=np.append(view.offsets, view.offsets[-1] + len(segment)),
+            )
+
+    def delete_rows(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Mask global `rows`: they are never returned again."""
+        rows = np.asarray(rows, dtype=np.int64)
+        with self._write_lock:
+            view = self.view
+            deleted = list(view.deleted)
+            segment, local = view.locate(rows)
+            for s in np.unique(segment):
+                deleted[s] = deleted[s].copy()
+                deleted[s][local[segment == s]] = True
+            self.view = replace(view, deleted=tuple(deleted))
+
+    def set_live_statistics(self, live: CorpusStatistics) -> None:
+        """Apply the live corpus's IDF at query time (see the module's docstring)."""
+        scale = (live.idf().astype(np.float64) / self.reference_idf.astype(np.float64)).astype(np.float32)
+        with self._write_lock:
+            self.view = replace(self.view, scale=scale)
+
+    @property
+    def rows_total(self) -> int:
+        return int(self.view.offsets[-1])
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows_total - sum(int(d.sum()) for d in self.view.deleted)
+
+    def rows(self, ids: Sequence[int] | np.ndarray, view: SegmentsView | None = None) -> sp.csr_matrix:
+        """Stored BM25 weights (reference statistics) of global rows `ids`, in that order."""
+        view = view or self.view
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(view.segments) == 1:
+            return view.segments[0].sparse.rows(ids)
+        segment, local = view.locate(ids)
+        parts = [view.segments[s].sparse.rows(local[i : i + 1]) for i, s in enumerate(segment)]
+        if not parts:
+            return sp.csr_matrix((0, len(self.reference_idf)), dtype=np.float32)
+        return sp.vstack(parts, format="csr")
+
+    def memory_bytes(self) -> int:
+        """Bytes of the CSR arrays kept in memory (weights and postings)."""
+        return sum(
+            int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+            for s in self.view.segments
+            for m in (s.sparse.weights, s.sparse.postings)
+        )
+
+    # --- queries -----------------------------------------------------------------------
+    def scaled(self, query_codes: sp.csr_matrix) -> sp.csr_matrix:
+        """Query codes with each latent scaled to the live IDF: what is matched against stored weights."""
+        return query_codes.astype(np.float32).multiply(self.view.scale[None, :]).tocsr()
 
     def query_weights(self, query_codes: sp.csr_matrix) -> sp.csr_matrix:
         """Latent weights that sparse scoring uses: the pooled activations (BM25's query term
-        frequency), joined by pseudo-relevance feedback latents when `feedback_passages` > 0."""
+        frequency), joined by pseudo-relevance feedback latents when `feedback_passages` > 0, scaled
+        to the live IDF."""
+        view = self.view
         q, cfg = query_codes.astype(np.float32), self.config
         if cfg.feedback_passages == 0 or q.shape[0] == 0:
-            return q
-        _, top = self.sparse.search(q, cfg.feedback_passages)
-        # Only the first search's passages are read, from whichever backend holds them.
+            return q.multiply(view.scale[None, :]).tocsr()
+        _, top = self.sparse.search(q.multiply(view.scale[None, :]).tocsr(), cfg.feedback_passages)
+        # Only the first search's passages are read, from whichever segment holds them.
         found, local = np.unique(top[top >= 0], return_inverse=True)
         top_local = np.full(top.shape, -1, dtype=np.int64)
         top_local[top >= 0] = local
-        rows = self.sparse.rows(found)
-        return feedback_queries(
+        rows = self.rows(found, view).multiply(view.scale[None, :]).tocsr()  # live BM25 weights
+        combined = feedback_queries(
             q, top_local, rows, row_norms(rows), cfg.feedback_weight, cfg.feedback_latents, cfg.feedback_weighting
         )
+        return combined.multiply(view.scale[None, :]).tocsr()
 
     def search(
         self,
@@ -77,7 +237,7 @@ class Retriever:
         mode: str | None = None,
         weights: sp.csr_matrix | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of shape (nq, k) for pooled query codes; ids are passage rows, -1 padded.
+        """(scores, ids) of shape (nq, k) for pooled query codes; ids are global passage rows, -1 padded.
 
         `weights` are the query's sparse weights if already computed (`query_weights`).
         """
@@ -88,30 +248,33 @@ class Retriever:
             weights = self.query_weights(query_codes)
         if mode == "sparse":
             return self.sparse.search(weights, k)
-        # Queries are mapped to decoder space with idf weighting, as documents are (no feedback).
+        # Queries are mapped to decoder space with the reference IDF, as documents are (no feedback).
         q = query_codes.astype(np.float32)
-        dense_q = decoder_vectors(q.multiply(self.idf[None, :]).tocsr(), self.w_dec)
+        dense_q = decoder_vectors(q.multiply(self.reference_idf[None, :]).tocsr(), self.w_dec)
+        view = self.view
+        dense = merge_segments(view, [(s.dense, dense_q) for s in view.segments], k if mode == "faiss" else max(k, 100))
         if mode == "faiss":
-            return self.dense.search(dense_q, k)
-        depth = max(k, 100)
-        runs = [self.sparse.search(weights, depth), self.dense.search(dense_q, depth)]
+            return dense
+        runs = [self.sparse.search(weights, max(k, 100)), dense]
         weight = self.config.fusion_weight
         return reciprocal_rank_fusion(runs, [weight, 1 - weight], k)
 
     def support(self, weights: sp.csr_matrix, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(nq,) how well passage `rows[i]` matches query row i of `weights` (nq, m): the cosine between
-        the query's latent weights times their IDF and the passage's BM25 latent weights (which carry
-        IDF already); 0 where `rows[i]` is -1 or nothing is shared.
+        """(nq,) how well passage `rows[i]` matches query row i of `weights` (nq, m; from `scaled`): the
+        cosine between the query's latent weights times their IDF and the passage's BM25 latent
+        weights (which carry IDF already); 0 where `rows[i]` is -1 or nothing is shared.
 
         A passage on the question's subject shares its specific latents; the best passage for a
         question the index cannot answer shares few of them. Without IDF on the query side, the
         latents that fire on most passages (and on any long question) would dominate the cosine and
         make it depend on question length more than on subject. `RAG` abstains below a threshold on
         it (`benchmarks/abstain.py`)."""
+        view = self.view
         rows = np.asarray(rows, dtype=np.int64)
         found = rows >= 0
-        q = weights.tocsr().astype(np.float64).multiply(self.idf.astype(np.float64)[None, :]).tocsr()
-        d = self.sparse.rows(np.where(found, rows, 0)).astype(np.float64)
+        # `weights` carry live IDF / reference IDF; times the reference IDF gives query tf * live IDF.
+        q = weights.tocsr().astype(np.float64).multiply(self.reference_idf.astype(np.float64)[None, :]).tocsr()
+        d = self.rows(np.where(found, rows, 0), view).astype(np.float64).multiply(view.scale[None, :]).tocsr()
         dot = np.asarray(q.multiply(d).sum(axis=1)).ravel()
         norms = row_norms(q) * row_norms(d)
         return np.where(found & (norms > 0), dot / np.maximum(norms, 1e-300), 0.0)
@@ -119,7 +282,7 @@ class Retriever:
     def explain(self, weights: sp.csr_matrix, rows: Sequence[int], top: int) -> list[list[tuple[int, float]]]:
         """For each passage in `rows`, the latents of one query's sparse weights (1, m; from
         `query_weights`) that contribute most to its sparse score, as (latent, contribution)."""
-        contrib = self.sparse.rows(rows).multiply(weights).tocsr()
+        contrib = self.rows(rows).multiply(weights).tocsr()
         explained = []
         for i in range(len(rows)):
             lo, hi = contrib.indptr[i], contrib.indptr[i + 1]

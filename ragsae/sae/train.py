@@ -59,8 +59,12 @@ def train_sae(
     config: SaeConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    start_from: SparseAutoencoder | None = None,
 ) -> tuple[SparseAutoencoder, TrainReport]:
     """Train an SAE on (n_tokens, d_model) activations; returns the model and its report.
+
+    `start_from` continues from a trained SAE's weights and input normalisation (light re-training on
+    new activations) instead of a fresh initialisation; `config` must give it the same shape.
 
     Adam with warm-up and cosine decay, gradient clipping, decoder rows kept at unit norm,
     bf16 autocast on CUDA. Deterministic for a given seed on one CPU type (another CPU's kernels round
@@ -77,7 +81,19 @@ def train_sae(
             f"--sae-batch-size), got {n}: add text to the corpus, lower the batch size, or reuse a trained SAE"
         )
     sae = create_sae(config, d_model)
-    sae.set_normalisation(data[: min(n, 100_000)])
+    if start_from is None:
+        sae.set_normalisation(data[: min(n, 100_000)])
+    else:
+        if (start_from.num_latents, start_from.d_model, start_from.architecture) != (
+            config.num_latents,
+            d_model,
+            config.architecture,
+        ):
+            raise TrainingError(
+                f"cannot continue training a {start_from.architecture} SAE of {start_from.num_latents} latents over "
+                f"{start_from.d_model} dims as a {config.architecture} SAE of {config.num_latents} over {d_model}"
+            )
+        sae.load_state_dict(start_from.state_dict())
     sae.to(device).train()
     optimiser = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=(0.9, 0.999))
     steps_per_epoch = n // config.batch_size
