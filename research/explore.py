@@ -267,7 +267,7 @@ def sparse_metrics(
 ) -> dict[str, float]:
     """The library's sparse scoring (`Retriever`, configured BM25) of pooled codes, evaluated."""
     w_dec = (sae or setup.sae).W_dec.detach().cpu().numpy()
-    retriever = Retriever(docs.codes, docs.lengths, w_dec, setup.build.scoring)
+    retriever = Retriever.over(docs.codes, docs.lengths, w_dec, setup.build.scoring)
     return run_metrics(setup.collection, *retriever.search(queries.codes, DEPTH, "sparse"))
 
 
@@ -363,24 +363,25 @@ def study_feedback(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
     default = setup.build.scoring
     scoring = dataclasses.replace(default, feedback_passages=0)
     w_dec = setup.sae.W_dec.detach().cpu().numpy()
-    retriever = Retriever(docs.codes, docs.lengths, w_dec, scoring)
+    retriever = Retriever.over(docs.codes, docs.lengths, w_dec, scoring)
+    store = retriever.view.segments[0].sparse  # one segment: its CSR weights and postings
     q = retriever.query_weights(queries.codes)
-    metrics = run_metrics(setup.collection, *sparse_search(q, retriever.sparse.postings, DEPTH))
+    metrics = run_metrics(setup.collection, *sparse_search(q, store.postings, DEPTH))
     rows = [result_row("baseline: no feedback", metrics, {"latents/query": per_row(q)}, feedback_passages=0)]
     grid = [("uniform", p, w, n) for p in FEEDBACK_PASSAGES for w in FEEDBACK_WEIGHTS for n in FEEDBACK_LATENTS]
     grid += [("rank", p, 1.0, 100) for p in FEEDBACK_PASSAGES]
-    firsts = {p: sparse_search(q, retriever.sparse.postings, p)[1] for p in FEEDBACK_PASSAGES}
+    firsts = {p: sparse_search(q, store.postings, p)[1] for p in FEEDBACK_PASSAGES}
     for weighting, passages, weight, latents in grid:
         expanded = feedback_queries(
             q,
             firsts[passages],
-            retriever.sparse.weights,
-            row_norms(retriever.sparse.weights),
+            store.weights,
+            row_norms(store.weights),
             weight,
             latents,
             weighting,
         )
-        metrics = run_metrics(setup.collection, *sparse_search(expanded, retriever.sparse.postings, DEPTH))
+        metrics = run_metrics(setup.collection, *sparse_search(expanded, store.postings, DEPTH))
         label = f"{weighting}: passages={passages} weight={weight} latents={latents}"
         setting = (weighting, passages, weight, latents)
         chosen = (default.feedback_weighting, default.feedback_passages, default.feedback_weight)

@@ -79,7 +79,7 @@ def test_train_then_build_with_its_sae_feeds_the_activations_it_trained_on(tiny_
     assert main(["train", str(small_corpus), "-o", str(sae_dir), *tiny_args(tiny_llm_dir)]) == 0
     assert main(["build", str(small_corpus), "-o", str(own), *tiny_args(tiny_llm_dir)]) == 0
     assert main(["build", str(small_corpus), "-o", str(reused), "--sae", str(sae_dir), *tiny_args(tiny_llm_dir)]) == 0
-    trained, built = load_sae(sae_dir), load_sae(own / "sae")
+    trained, built = load_sae(sae_dir), load_sae(own / "sae" / "v1")
     # Same passages, prefix and capture: the SAE `train` writes is the one `build` trains (to the last
     # bit or so: multithreaded CPU reductions need not add in one order).
     for name, tensor in trained.state_dict().items():
@@ -89,7 +89,8 @@ def test_train_then_build_with_its_sae_feeds_the_activations_it_trained_on(tiny_
         assert trained.metadata[key] == built.metadata[key], key
     assert trained.metadata["passage_prefix"] == "Document: "
     manifest = json.loads((reused / "manifest.json").read_text())
-    assert manifest["sae"]["weights_sha256"] == trained.weights_sha256  # build --sae indexes with that very SAE
+    (version,) = manifest["sae"]["versions"]
+    assert version["weights_sha256"] == trained.weights_sha256  # build --sae indexes with that very SAE
 
 
 def test_build_refuses_an_sae_trained_on_other_activations(tiny_llm_dir, small_corpus, tmp_path, capsys):
@@ -145,7 +146,7 @@ def test_verify_and_info_say_whether_an_index_verifies(tiny_llm_dir, small_corpu
     assert "OK (" in capsys.readouterr().out
     assert main(["info", str(index)]) == 0
     assert json.loads(capsys.readouterr().out)["verified"] is True
-    with open(index / "passages.jsonl", "a", encoding="utf-8") as handle:
+    with open(index / "segments" / "000001" / "passages.jsonl", "a", encoding="utf-8") as handle:
         handle.write("\n")
     assert main(["verify", str(index)]) == 2
     assert "passages.jsonl: checksum mismatch" in capsys.readouterr().err

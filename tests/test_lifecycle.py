@@ -175,3 +175,32 @@ def test_retrain_makes_a_new_sae_version_with_lineage(collection, reference_sae,
     assert results(reopened, queries, k=10) == results(index, queries, k=10)
     assert documents[0].doc_id not in reopened.documents
     assert os.listdir(tmp_path / "index" / "segments") == [reopened.segments[0].name.split("/")[1]]
+
+
+def test_the_cli_changes_an_index_and_reports_drift(
+    collection, reference_sae, tiny_llm, tiny_llm_dir, tmp_path, capsys
+):
+    from ragsae.cli import main
+
+    documents, _, _ = collection
+    Index.build(documents[:30], tmp_path / "index", tiny_config(tiny_llm_dir), reference_sae, tiny_llm)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"_id": d.doc_id, "text": d.full_text}) + "\n" for d in documents[30:40]))
+    assert main(["add", str(tmp_path / "index"), str(extra)]) == 0
+    out = capsys.readouterr().out
+    assert "live in 2 segments" in out and "drift (add," in out
+    assert main(["add", str(tmp_path / "index"), str(extra)]) == 2
+    assert "already in the index" in capsys.readouterr().err
+    assert main(["delete", str(tmp_path / "index"), documents[0].doc_id, documents[31].doc_id]) == 0
+    assert "deleted" in capsys.readouterr().out
+    assert main(["delete", str(tmp_path / "index"), "nope"]) == 2
+    assert main(["compact", str(tmp_path / "index")]) == 0
+    assert "merged into 1" in capsys.readouterr().out
+    assert main(["drift", str(tmp_path / "index"), "--json", "--plot", str(tmp_path / "drift.png")]) == 0
+    history = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert len(history) == 1 and history[0]["operation"] == "add"
+    assert (tmp_path / "drift.png").stat().st_size > 1000
+    assert main(["info", str(tmp_path / "index")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["verified"] and info["counts"]["segments"] == 1 and info["history"]["reports"] == 1
+    assert main(["verify", str(tmp_path / "index")]) == 0

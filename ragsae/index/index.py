@@ -4,6 +4,11 @@ An index is a list of segments (`segment.py`). Adding passages encodes them with
 SAE into a new segment; deleting marks rows; `compact` merges the segments; `retrain` trains a new SAE
 version and re-encodes. An index with a folder writes each change there as it is made (`folder.py`):
 new files, then the manifest, under a lock that admits one writing process at a time.
+
+With `BuildConfig.sanitize` on, documents are sanitised (`text/sanitize.py`) before they are split, by
+build, add, upsert and drift, and queries before they are encoded; the index keeps one `Sanitizer`, the
+hash-mode salt (from `salt_env`, or `layout.SALT_FILE` in its folder, never in the manifest) and the
+audit of every build and add.
 """
 
 from __future__ import annotations
@@ -21,10 +26,18 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..config import BuildConfig, SearchMode, to_dict
+from ..config import BuildConfig, SanitizeConfig, SearchMode, to_dict
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
-from ..errors import CorpusError, IndexFolderError, QueryError
-from ..layout import LOCK_FILE, SAE_VERSIONS_DIR, deletes_file, history_file, sae_version_folder, segment_folder
+from ..errors import ConfigError, CorpusError, IndexFolderError, QueryError
+from ..layout import (
+    LOCK_FILE,
+    SAE_VERSIONS_DIR,
+    SALT_FILE,
+    deletes_file,
+    history_file,
+    sae_version_folder,
+    segment_folder,
+)
 from ..lm import LoadedLlm, load_llm
 from ..provenance import library_versions
 from ..retrieval import Retriever
@@ -32,8 +45,9 @@ from ..retrieval.scoring import CorpusStatistics, prune_for_storage
 from ..sae import SparseAutoencoder, TrainReport
 from ..sae.compare import compare_saes
 from ..storage import atomic_folder, atomic_output, exclusive_lock, file_sha256, lock_holder, storage_precision
-from ..text import Passage, load_documents, split_passages
-from .build import encode_corpus
+from ..text import Audit, Document, Passage, Sanitizer, load_documents, resolve_salt, salt_fingerprint
+from ..text.sanitize import env_salt, new_salt, write_salt
+from .build import PreparedPassages, encode_corpus, prepare_passages
 from .drift import drift_report
 from .folder import (
     build_manifest,
@@ -104,6 +118,13 @@ class Index:
         self.generation = 0
         self.created = now()
         self._write_lock = threading.RLock()
+        self.sanitize_audit: Audit | None = None
+        """What sanitisation replaced in every build and add so far (counts, never values); None when off."""
+        self._salt: bytes | None = None
+        """The hash-mode salt: kept in memory, written to the folder's `SALT_FILE` unless it comes from
+        `salt_env`; never in the manifest."""
+        self._sanitizer: Sanitizer | None = None
+        self._sanitizer_lock = threading.Lock()
 
     @classmethod
     def from_codes(
@@ -135,7 +156,7 @@ class Index:
 
     def __len__(self) -> int:
         """Live passages."""
-        return sum(len(rows) for rows in self.doc_rows.values())
+        return self.retriever.live_rows
 
     @property
     def codes(self) -> sp.csr_matrix:
@@ -178,8 +199,11 @@ class Index:
                 sae = sae.parent
             if is_index_folder(sae):
                 sae = Index.current_sae_folder(sae)
-        built = encode_corpus(corpus, config, sae, llm, skip_empty, cache_dir, progress)
+        salt = new_index_salt(config.sanitize)
+        sanitizer = Sanitizer(config.sanitize, salt) if config.sanitize.mode != "off" else None
+        built = encode_corpus(corpus, config, sae, llm, skip_empty, cache_dir, progress, sanitizer)
         index = cls.from_codes(built.encoder, built.passages, built.pooled, built.config, built.sae_report)
+        index._salt, index._sanitizer, index.sanitize_audit = salt, sanitizer, built.audit
         if path is not None:
             index.save(path, overwrite=overwrite)
         return index
@@ -227,10 +251,57 @@ class Index:
             "latents_in_use": int((self.df > 0).sum()),
         }
 
+    # --- sanitisation --------------------------------------------------------------------
+    @property
+    def sanitizer(self) -> Sanitizer | None:
+        """The index's `Sanitizer` (built on first use, once, under a lock); None when sanitisation is off."""
+        if self.config.sanitize.mode == "off":
+            return None
+        if self._sanitizer is None:
+            with self._sanitizer_lock:
+                if self._sanitizer is None:
+                    self._sanitizer = Sanitizer(self.config.sanitize, self._salt)
+        return self._sanitizer
+
+    def sanitize_query(self, query: str) -> str:
+        """`query` as this index encodes it: sanitised like its documents unless sanitisation or
+        `SanitizeConfig.queries` is off. Use it before logging or showing a query to an LLM."""
+        sanitizer = self.sanitizer
+        return query if sanitizer is None else sanitizer.sanitize_query(query)
+
+    @property
+    def stores_text(self) -> bool:
+        """False when passages are stored without text (`store_text='none'`): hits then carry ids and
+        offsets into the original documents (`passage`), which the caller resolves."""
+        return self.config.sanitize.stored_text != "none"
+
+    def passage(self, passage_id: str) -> Passage:
+        """The stored record of a live passage: document id and character offsets (into the original
+        document, or into the sanitised one with store_text 'redacted'), and its text if stored."""
+        owners = [passage_id] + ([passage_id.rsplit("#", 1)[0]] if "#" in passage_id else [])
+        for owner in owners:
+            for row in self.doc_rows.get(owner, []):
+                if self.passages[row].passage_id == passage_id:
+                    return self.passages[row]
+        raise QueryError(f"no live passage with id {passage_id!r}")
+
+    def _read_texts(self, passages: list[Passage]) -> list[str]:
+        """What the LLM reads of stored passages (to re-encode them): the stored text, sanitised again
+        when the index stores the original ('full'); a ConfigError when it stores none."""
+        if not self.stores_text:
+            raise ConfigError(
+                "store_text='none': the index keeps no passage text to re-encode; rebuild it from the corpus"
+            )
+        texts = [p.text for p in passages]
+        sanitizer = self.sanitizer
+        if sanitizer is not None and self.config.sanitize.stored_text == "full":
+            texts = [sanitizer.sanitize(text).text for text in texts]
+        return texts
+
     # --- searching -----------------------------------------------------------------------
     def encode_queries(self, queries: list[str]) -> sp.csr_matrix:
-        """Pooled codes (n_queries, num_latents) of query texts."""
-        return self.encoder.encode_queries(queries).codes
+        """Pooled codes (n_queries, num_latents) of query texts, each sanitised first (`sanitize_query`)."""
+        return self.encoder.encode_queries([self.sanitize_query(q) for q in queries]).codes
 
     def search(self, query: str, k: int = 10, mode: str | None = None, per_doc: bool = False) -> list[Hit]:
         """Top-k passages for one query, with scores, document ids and contributing latents;
@@ -361,30 +432,49 @@ class Index:
                 )
             replaced = self._rows_of(existing)
             capture = self.config.capture
-            passages = split_passages(docs, self.llm.tokenizer, capture.window, capture.overlap)
-            live_ids = {self.passages[r].passage_id for rows in self.doc_rows.values() for r in rows}
-            live_ids -= {self.passages[r].passage_id for r in replaced}
-            clash = [p.passage_id for p in passages if p.passage_id in live_ids]
+            prepared = self._prepare(docs)
+            passages = prepared.stored
+            clash = [p.passage_id for p in passages if self._is_live_passage_id(p.passage_id, set(existing))]
             if clash:
                 raise CorpusError(f"passage id {clash[0]!r} of a new document is already a live passage's id")
-            texts = [p.text for p in passages]
-            acts = passage_activations(self.llm, texts, capture, self.encoder.cache, progress)
+            acts = passage_activations(self.llm, prepared.texts, capture, self.encoder.cache, progress)
             pooled = self.encoder.pool_activations(acts, progress)
             segment = self._segment(passages, storage_precision(pooled.codes), pooled.lengths)
             report = self._drift(acts.values, segment, replaced, "upsert" if replace_existing else "add")
-            self._commit_and_apply(new_segment=segment, deleted_rows=replaced, report=report)
+            audit = self.sanitize_audit
+            if prepared.audit is not None:
+                audit = prepared.audit if audit is None else audit + prepared.audit
+            self._commit_and_apply(new_segment=segment, deleted_rows=replaced, report=report, audit=audit)
             if report["needs_retrain"]:
                 logger.warning("drift: %s (ragsae retrain)", "; ".join(report["reasons"]))
             return report
+
+    def _is_live_passage_id(self, passage_id: str, leaving: set[str]) -> bool:
+        """Whether a live passage (of a document not in `leaving`) has this id: a one-passage document's
+        id, or `ID#N` of a longer document `ID` (`text/passages.py`). Cost independent of the index size."""
+        owners = [passage_id]
+        if "#" in passage_id:
+            owners.append(passage_id.rsplit("#", 1)[0])
+        return any(
+            self.passages[row].passage_id == passage_id
+            for owner in owners
+            if owner not in leaving
+            for row in self.doc_rows.get(owner, [])
+        )
+
+    def _prepare(self, docs: list[Document]) -> PreparedPassages:
+        """`build.prepare_passages` of documents with this index's sanitiser and store_text."""
+        sanitize = self.config.sanitize
+        return prepare_passages(docs, self.llm.tokenizer, self.config.capture, self.sanitizer, sanitize.stored_text)
 
     def drift(self, documents: Any, skip_empty: bool = False, progress: bool = False) -> dict[str, Any]:
         """The drift report `add` would give for these documents, without adding them."""
         docs = load_documents(documents, skip_empty=skip_empty)
         capture = self.config.capture
-        passages = split_passages(docs, self.llm.tokenizer, capture.window, capture.overlap)
-        acts = passage_activations(self.llm, [p.text for p in passages], capture, self.encoder.cache, progress)
+        prepared = self._prepare(docs)
+        acts = passage_activations(self.llm, prepared.texts, capture, self.encoder.cache, progress)
         pooled = self.encoder.pool_activations(acts, progress)
-        segment = self._segment(passages, storage_precision(pooled.codes), pooled.lengths)
+        segment = self._segment(prepared.stored, storage_precision(pooled.codes), pooled.lengths)
         return self._drift(acts.values, segment, np.zeros(0, dtype=np.int64), "check")
 
     def _drift(
@@ -451,7 +541,7 @@ class Index:
             if len(self) == 0:
                 raise IndexFolderError("every passage is deleted: nothing to train on")
             passages = [s.passages[i] for s in self.segments for i in s.live]
-            texts = [p.text for p in passages]
+            texts = self._read_texts(passages)
             capture = self.config.capture
             sae_config = self.sae.config if epochs is None else replace(self.sae.config, epochs=epochs)
             acts = passage_activations(self.llm, texts, capture, self.encoder.cache, progress)
@@ -482,9 +572,11 @@ class Index:
         report: dict[str, Any] | None = None,
         replace_all: bool = False,
         new_sae: tuple[Index, dict[str, Any]] | None = None,
+        audit: Audit | None = None,
     ) -> None:
         """Write one change (when the index has a folder), then apply it in memory. Nothing in memory
-        changes unless the change was committed."""
+        changes unless the change was committed. `audit`: the sanitisation audit after the change
+        (None: unchanged)."""
         segments = [] if replace_all else [replace(s) for s in self.segments]
         if deleted_rows is not None and len(deleted_rows):
             segment_of, local = self.retriever.view.locate(deleted_rows)
@@ -497,10 +589,11 @@ class Index:
         versions = self.sae_versions + ([new_sae[1]] if new_sae else [])
         current = new_sae[1]["version"] if new_sae else self.sae_version
         generation = self.generation + 1
+        audit = audit if audit is not None else self.sanitize_audit
         if self.path is not None:
             sae = new_sae[0].sae if new_sae else None
             unchanged_on_os_error(
-                lambda: self._write_change(segments, history, versions, current, generation, sae), self.path
+                lambda: self._write_change(segments, history, versions, current, generation, sae, audit), self.path
             )
         # Committed: apply in memory.
         if new_sae is not None:
@@ -526,6 +619,7 @@ class Index:
             else:
                 self._refresh_statistics()
         self.history, self.sae_versions, self.generation = history, versions, generation
+        self.sanitize_audit = audit
 
     def _rebuild(self, segments: list[Segment]) -> None:
         """Search state made anew from `segments` (after a compaction or a new SAE version), then swapped in."""
@@ -544,11 +638,14 @@ class Index:
         current: int,
         generation: int,
         new_sae: SparseAutoencoder | None,
+        audit: Audit | None,
     ) -> None:
         """New files under new names, then the manifest (the commit), then what it no longer names goes."""
         assert self.path is not None
         root = self.path
-        named = self._write_files(root, segments, history, versions, current, generation, new_sae, fresh=False)
+        named = self._write_files(
+            root, segments, history, versions, current, generation, new_sae, fresh=False, audit=audit
+        )
         write_manifest(root, named)
         removed = collect_garbage(root, named)
         logger.debug("committed generation %d of %s; removed %d stale files", generation, root, len(removed))
@@ -563,9 +660,12 @@ class Index:
         generation: int,
         new_sae: SparseAutoencoder | None,
         fresh: bool,
+        audit: Audit | None,
     ) -> dict[str, Any]:
-        """Write whatever of this state is not on disk at `root` yet (everything when `fresh`); the
-        manifest that describes it, not yet written."""
+        """Write whatever of this state is not on disk at `root` yet (everything when `fresh`, the
+        hash-mode salt file included); the manifest that describes it, not yet written."""
+        if fresh and self._salt is not None and self.config.sanitize.salt_env is None:
+            write_salt(root / SALT_FILE, self._salt)
         number = 1 if fresh else next_segment_number(root)
         for segment in segments:
             if fresh or segment.name is None:
@@ -582,7 +682,7 @@ class Index:
             if record["version"] == current and (fresh or new_sae is not None):
                 sae = new_sae if new_sae is not None else self.sae
                 record["folder"] = sae_version_folder(current)
-                sae.save(root / record["folder"])
+                record["weights_sha256"] = sae.save(root / record["folder"])
                 record["files"] = sae_files(root, record["folder"])
             elif fresh:
                 record["folder"], record["files"] = None, None  # lineage only: the weights stay behind
@@ -614,6 +714,8 @@ class Index:
             segments=segments,
             history=history_record,
             library_versions=library_versions(),
+            sanitize_audit=audit.to_dict() if audit is not None else None,
+            salt_fingerprint=salt_fingerprint(self._salt) if self._salt is not None else None,
         )
 
     # --- persistence ---------------------------------------------------------------------
@@ -630,7 +732,15 @@ class Index:
             def write() -> dict[str, Any]:
                 with atomic_folder(path) as tmp:
                     manifest = self._write_files(
-                        tmp, segments, self.history, versions, self.sae_version, generation, None, True
+                        tmp,
+                        segments,
+                        self.history,
+                        versions,
+                        self.sae_version,
+                        generation,
+                        None,
+                        True,
+                        self.sanitize_audit,
                     )
                     write_manifest(tmp, manifest)
                 return manifest
@@ -660,6 +770,7 @@ class Index:
             config = replace(config, scoring=replace(config.scoring, mode=mode))
         if device is not None:
             config = replace(config, llm=replace(config.llm, device=device))
+        salt = index_salt(path, config.sanitize, manifest)
         llm = llm or load_llm(config.llm)
         if llm.model_hash != manifest["llm"]["model_hash"]:
             raise IndexFolderError(
@@ -673,6 +784,9 @@ class Index:
         index.sae_version = manifest["sae"]["current"]
         index.sae_versions = manifest["sae"]["versions"]
         index.generation, index.created, index.history = manifest["generation"], manifest["created"], contents.history
+        index._salt = salt
+        audit = manifest.get("sanitize_audit")
+        index.sanitize_audit = Audit.from_dict(audit) if audit is not None else None
         for segment in contents.segments:
             index._append(segment)
         return index
@@ -708,7 +822,48 @@ class Index:
             "last_drift": last,
             "drift_reports": len(self.history),
             "scoring": to_dict(self.config.scoring),
+            "sanitize": self.sanitize_info(),
         }
+
+    def sanitize_info(self) -> dict[str, Any]:
+        """Sanitisation settings (store_text resolved), the audit and the salt's fingerprint (never the salt)."""
+        sanitize = self.config.sanitize
+        return {
+            "mode": sanitize.mode,
+            "store_text": sanitize.stored_text,
+            "entities": list(sanitize.entities) if sanitize.entities is not None else None,
+            "queries": sanitize.queries,
+            "audit": self.sanitize_audit.to_dict() if self.sanitize_audit is not None else None,
+            "salt_fingerprint": salt_fingerprint(self._salt) if self._salt is not None else None,
+        }
+
+
+def new_index_salt(config: SanitizeConfig) -> bytes | None:
+    """The hash-mode salt of a new index: from `config.salt_env`, else new random bytes (written to the
+    index folder on save); None in other modes."""
+    if config.mode != "hash":
+        return None
+    return env_salt(config) or new_salt()
+
+
+def index_salt(path: Path, config: SanitizeConfig, manifest: dict[str, Any]) -> bytes | None:
+    """The hash-mode salt of an index folder (from `salt_env` or its `SALT_FILE`), checked against the
+    manifest's fingerprint: a query hashed with another salt would silently match nothing."""
+    if config.mode != "hash":
+        return None
+    try:
+        salt = resolve_salt(config, path / SALT_FILE)
+    except ConfigError as error:
+        raise IndexFolderError(f"{path}: {error}") from None
+    assert salt is not None
+    expected = manifest.get("salt_fingerprint")
+    if expected is not None and salt_fingerprint(salt) != expected:
+        source = f"${config.salt_env}" if config.salt_env else str(path / SALT_FILE)
+        raise IndexFolderError(
+            f"{path}: the hash-mode salt from {source} is not the one this index was built with (fingerprint "
+            f"{salt_fingerprint(salt)}, the manifest says {expected}); its placeholders would not match"
+        )
+    return salt
 
 
 def version_record(
