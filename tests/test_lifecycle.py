@@ -204,3 +204,40 @@ def test_the_cli_changes_an_index_and_reports_drift(
     info = json.loads(capsys.readouterr().out)
     assert info["verified"] and info["counts"]["segments"] == 1 and info["history"]["reports"] == 1
     assert main(["verify", str(tmp_path / "index")]) == 0
+
+
+def test_readers_load_a_committed_state_while_a_writer_changes_the_index(
+    collection, reference_sae, tiny_llm, tiny_llm_dir, tmp_path
+):
+    """A reader racing a writer (whose commits remove the files the previous manifest named) always
+    loads one committed generation whole."""
+    import threading
+
+    documents, _, _ = collection
+    index = Index.build(documents[:20], tmp_path / "index", tiny_config(tiny_llm_dir), reference_sae, tiny_llm)
+    sizes = {index.generation: len(index)}
+    loaded: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                reopened = Index.load(tmp_path / "index", llm=tiny_llm)
+                loaded.append((reopened.generation, len(reopened)))
+            except BaseException as error:  # noqa: BLE001 - collected and asserted below
+                errors.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for start in range(20, 40, 4):
+            index.add(documents[start : start + 4])
+            sizes[index.generation] = len(index)
+            index.compact()  # removes every older segment folder
+            sizes[index.generation] = len(index)
+    finally:
+        done.set()
+        reader.join(60)
+    assert not errors, errors[:3]
+    assert loaded and all(sizes[generation] == size for generation, size in loaded), loaded
