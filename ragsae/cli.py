@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    SANITIZE_ENTITIES,
+    SANITIZE_MODES,
     SEARCH_MODES,
+    STORE_TEXTS,
     BuildConfig,
     CaptureConfig,
     LlmConfig,
     SaeConfig,
+    SanitizeConfig,
     ScoringConfig,
     field_choices,
     field_docs,
     optional_int,
 )
-from .errors import RagsaeError
+from .errors import ConfigError, RagsaeError
 
 DEFAULT_DEMO_INDEX = Path("indexes") / "stdlib-docs"
 
@@ -88,6 +92,88 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
         add_config_args(parser, cls)
 
 
+SANITIZE_OPTIONS = {
+    "mode": "--sanitize",
+    "store_text": "--store-text",
+    "entities": "--sanitize-entities",
+    "queries": "--no-sanitize-queries",
+    "salt_env": "--salt-env",
+}
+"""SanitizeConfig fields settable from the command line (build, add), with their flags."""
+
+
+def entity_list(text: str) -> tuple[str, ...]:
+    """Entity types from a comma-separated list ('EMAIL,PHONE'); 'all' names every type."""
+    if text.strip().lower() == "all":
+        return SANITIZE_ENTITIES
+    return tuple(name.strip().upper() for name in text.split(",") if name.strip())
+
+
+def add_sanitize_args(parser: argparse.ArgumentParser, as_built: bool = False) -> None:
+    """The sanitisation flags (`SanitizeConfig`, help from its field docstrings). With `as_built` (add),
+    a flag left out means the index's own setting, and a flag given must agree with it."""
+    group = parser.add_argument_group("sanitisation")
+    docs, defaults = field_docs(SanitizeConfig), SanitizeConfig()
+
+    def option(name: str, **kwargs: Any) -> None:
+        default = getattr(defaults, name)
+        shown = "as built" if as_built else ("all" if name == "entities" and default is None else default)
+        help_text = docs[name].replace("%", "%%")
+        group.add_argument(
+            SANITIZE_OPTIONS[name],
+            dest=dest(SanitizeConfig, name),
+            default=None if as_built else default,
+            help=f"{help_text} (default: {shown})",
+            **kwargs,
+        )
+
+    option("mode", choices=SANITIZE_MODES)
+    option("store_text", choices=STORE_TEXTS)
+    option("entities", type=entity_list, metavar="TYPE,TYPE")
+    group.add_argument(
+        SANITIZE_OPTIONS["queries"],
+        dest=dest(SanitizeConfig, "queries"),
+        action="store_const",
+        const=False,
+        default=None if as_built else True,
+        help="leave queries as they are: encode and log them without sanitising "
+        f"(SanitizeConfig.queries=False; hash-mode placeholders then cannot match a query; default: "
+        f"{'as built' if as_built else 'sanitise queries'})",
+    )
+    option("salt_env", metavar="VAR")
+
+
+def sanitize_config(args: argparse.Namespace) -> SanitizeConfig:
+    """The SanitizeConfig the sanitisation flags set (defaults where the subcommand has none of them)."""
+    given = {name: getattr(args, dest(SanitizeConfig, name), None) for name in SANITIZE_OPTIONS}
+    return SanitizeConfig(**{name: value for name, value in given.items() if value is not None})
+
+
+def check_sanitize_args(args: argparse.Namespace, index: str) -> None:
+    """ConfigError when a sanitisation flag of `add` disagrees with how the index was built: an index
+    keeps one setting, so that every segment's text and placeholders were made the same way."""
+    from .index import read_manifest
+
+    built = BuildConfig.from_dict(read_manifest(index)["config"]).sanitize
+    for name, flag in SANITIZE_OPTIONS.items():
+        value = getattr(args, dest(SanitizeConfig, name), None)
+        if value is None:
+            continue
+        if name == "store_text":
+            same = dataclasses.replace(built, store_text=value).stored_text == built.stored_text
+        elif name == "entities":
+            same = set(value) == set(built.entities or SANITIZE_ENTITIES)
+        else:
+            same = value == getattr(built, name)
+        if not same:
+            current = getattr(built, name)
+            shown = ",".join(current) if name == "entities" and current else current
+            raise ConfigError(
+                f"{flag}: {index} was built with {name}={shown!r}; an index keeps the sanitisation it was "
+                "built with (build a new index to change it)"
+            )
+
+
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """`cls` with the fields its options set; defaults where the subcommand has none of them."""
     return cls(
@@ -101,6 +187,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         capture=config_from_args(CaptureConfig, args),
         sae=config_from_args(SaeConfig, args),
         scoring=config_from_args(ScoringConfig, args),
+        sanitize=sanitize_config(args),
     )
 
 
@@ -182,6 +269,7 @@ def print_drift(report: dict[str, Any]) -> None:
 def cmd_add(args: argparse.Namespace) -> int:
     from .index import Index
 
+    check_sanitize_args(args, args.index)
     index = Index.load(args.index, device=args.device)
     before = len(index)
     change = index.upsert if args.upsert else index.add
@@ -355,6 +443,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--sae", help="reuse a trained SAE: its folder (from `ragsae train`) or an index folder (its current SAE)"
     )
     add_build_args(p)
+    add_sanitize_args(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("search", help="top passages for a query, with contributing latents")
@@ -409,6 +498,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--upsert", action="store_true", help="replace documents whose ids are already indexed")
     p.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    add_sanitize_args(p, as_built=True)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("delete", help="delete documents from an index by id")

@@ -382,4 +382,3 @@ class BuildConfig:
             sanitize=from_dict(SanitizeConfig, data.get("sanitize", {})),
             drift=from_dict(DriftConfig, data.get("drift", {})),
         )
-

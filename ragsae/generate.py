@@ -4,14 +4,16 @@ unless retrieval finds nothing that supports one."""
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import threading
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from .errors import QueryError
+from .errors import ConfigError, QueryError
 from .index import Hit, Index
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,11 @@ threshold measured on one index does not carry to every other (`benchmarks/absta
 class RAG:
     """Retrieve from an `Index`, then let the index's LLM answer with citations.
 
+    The LLM reads the passages as the index stores them (`SanitizeConfig.store_text`: the sanitised
+    text with 'redacted', the original text with 'full') and the question as the index encodes it
+    (sanitised unless `SanitizeConfig.queries` is off). An index that stores no text ('none') cannot
+    be answered from: `ask` and `stream` raise a ConfigError; search it and resolve the hits instead.
+
     Args:
         k: passages put in the prompt.
         max_new_tokens: answer length cap.
@@ -136,16 +143,64 @@ class RAG:
     @torch.inference_mode()
     def ask(self, question: str) -> Answer:
         """Answer `question` from the top-k passages, citing them as [1], [2], ..."""
-        if not isinstance(question, str) or not question.strip():
-            raise QueryError(f"question must be a non-empty string, got {question!r}")
-        hits = self.index.search(question, self.k)
-        support = self.support(question) if self.min_support > 0 else None
-        if support is not None and support < self.min_support:
+        hits, support = self._retrieve(question)
+        if self._abstains(support):
             return Answer(question, ABSTENTION, hits, [], answered=False, support=support)
-        prompt = build_prompt(question, hits, self.index.llm.tokenizer, self.max_passage_tokens)
-        lead = self._citation_lead(prompt, len(hits)) if self.lead_with_citation and hits else ""
+        prompt, lead = self._prompt(question, hits)
         text = lead + self._generate(prompt + lead)
         return Answer(question, text.strip(), hits, parse_citations(text, len(hits)), prompt, support=support)
+
+    @torch.inference_mode()
+    def stream(self, question: str) -> Generator[str | Answer, None, None]:
+        """Answer `question` as `ask` does, token by token: yields pieces of the answer's text as they
+        are generated (the citation lead first), then the finished `Answer`, equal to what `ask` returns.
+
+        The pieces join to the answer's text before `Answer.text` strips it. Generation runs in a
+        helper thread; closing the generator early stops it after the current token."""
+        hits, support = self._retrieve(question)
+        if self._abstains(support):
+            yield ABSTENTION
+            yield Answer(question, ABSTENTION, hits, [], answered=False, support=support)
+            return
+        prompt, lead = self._prompt(question, hits)
+        if lead:
+            yield lead
+        pieces = [lead]
+        generated = self._generate_pieces(prompt + lead)
+        try:
+            for piece in generated:
+                pieces.append(piece)
+                yield piece
+        finally:
+            generated.close()  # if this generator is closed early, stop generating now
+        text = "".join(pieces)
+        yield Answer(question, text.strip(), hits, parse_citations(text, len(hits)), prompt, support=support)
+
+    def _retrieve(self, question: str) -> tuple[list[Hit], float | None]:
+        """The question's top-k hits and, when abstention is on, its support."""
+        if not isinstance(question, str) or not question.strip():
+            raise QueryError(f"question must be a non-empty string, got {question!r}")
+        if not self.index.stores_text:
+            raise ConfigError(
+                "store_text='none': this index keeps no passage text for the LLM to read, so RAG cannot answer "
+                "from it; search it instead and resolve each hit's passage id and offsets (Index.passage) "
+                "against your documents"
+            )
+        hits = self.index.search(question, self.k)
+        return hits, self.support(question) if self.min_support > 0 else None
+
+    def _abstains(self, support: float | None) -> bool:
+        return support is not None and support < self.min_support
+
+    def _prompt(self, question: str, hits: list[Hit]) -> tuple[str, str]:
+        """The prompt for `question` over `hits`, and the citation lead the answer starts with."""
+        # The LLM reads the question as the index encodes it (sanitised when the index sanitises queries),
+        # and the passages as the index stores them (store_text).
+        prompt = build_prompt(
+            self.index.sanitize_query(question), hits, self.index.llm.tokenizer, self.max_passage_tokens
+        )
+        lead = self._citation_lead(prompt, len(hits)) if self.lead_with_citation and hits else ""
+        return prompt, lead
 
     def support(self, question: str) -> float:
         """How well the index's best passage for `question` matches it: `Retriever.support` of the
@@ -154,9 +209,9 @@ class RAG:
         Pseudo-relevance feedback is left out: its latents come from the passages found, so they
         match those passages whether or not the question is on their subject."""
         retriever = self.index.retriever
-        codes = self.index.encode_queries([question]).astype(np.float32)
-        _, ids = retriever.sparse.search(codes, 1)
-        return float(retriever.support(codes, ids[:, 0])[0])
+        weights = retriever.scaled(self.index.encode_queries([question]))
+        _, ids = retriever.sparse.search(weights, 1)
+        return float(retriever.support(weights, ids[:, 0])[0])
 
     def _citation_lead(self, prompt: str, n_passages: int) -> str:
         """'According to passage [n]' with n the passage number the model scores highest."""
@@ -173,14 +228,85 @@ class RAG:
         best = numbers[int(torch.argmax(logits[candidates]))]
         return f"{CITATION_LEAD}{best}]"
 
-    def _generate(self, prompt: str) -> str:
+    def _generate_args(self, prompt: str) -> tuple[dict[str, Any], int]:
+        """`model.generate` arguments for greedy decoding after `prompt`, and the prompt's length in tokens."""
         llm = self.index.llm
         inputs = llm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(llm.device)
-        output = llm.model.generate(
+        args = dict(
             **inputs,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             repetition_penalty=1.1,
             pad_token_id=llm.tokenizer.pad_token_id,
         )
-        return llm.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return args, int(inputs["input_ids"].shape[1])
+
+    def _generate(self, prompt: str) -> str:
+        llm = self.index.llm
+        args, n_prompt = self._generate_args(prompt)
+        output = llm.model.generate(**args)
+        return llm.tokenizer.decode(output[0, n_prompt:], skip_special_tokens=True)
+
+    def _generate_pieces(self, prompt: str) -> Generator[str, None, None]:
+        """What `_generate(prompt)` returns, in pieces as the tokens come: the text decoded so far, up to
+        its last whitespace (a word or a multi-byte character may still change), then the rest."""
+        llm = self.index.llm
+        args, _ = self._generate_args(prompt)
+        tokens: queue.Queue[torch.Tensor | BaseException | None] = queue.Queue()
+        stop = threading.Event()
+
+        streamer, stopping = _stream_hooks(tokens, stop)
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    llm.model.generate(**args, streamer=streamer, stopping_criteria=stopping)
+                tokens.put(None)
+            except BaseException as error:  # handed to the consumer, which raises it
+                tokens.put(error)
+
+        worker = threading.Thread(target=run, name="ragsae-generate", daemon=True)
+        worker.start()
+        ids: list[int] = []
+        sent = ""
+        try:
+            while (item := tokens.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                ids.extend(item.reshape(-1).tolist())
+                text = llm.tokenizer.decode(ids, skip_special_tokens=True)
+                stable = text[: max(text.rfind(" "), text.rfind("\n")) + 1]
+                if len(stable) > len(sent) and stable.startswith(sent):
+                    yield stable[len(sent) :]
+                    sent = stable
+            text = llm.tokenizer.decode(ids, skip_special_tokens=True)
+            if len(text) > len(sent):
+                yield text[len(sent) :]
+        finally:
+            stop.set()
+            worker.join()
+
+
+def _stream_hooks(tokens: queue.Queue, stop: threading.Event) -> tuple[Any, Any]:
+    """A streamer that hands each generation step's new token ids to `tokens`, and a stopping criterion
+    that ends generation once `stop` is set (transformers is imported here, as the LLM loader does, so
+    that importing ragsae stays light)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class QueueStreamer(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.prompt_seen:  # the first call hands over the prompt
+                tokens.put(value.detach().cpu())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    class Stopped(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return QueueStreamer(), StoppingCriteriaList([Stopped()])

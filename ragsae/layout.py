@@ -7,6 +7,13 @@ INDEX_FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "write.lock"
 """Held (flock) by the one process that may change an index at a time; not part of the index's content."""
+SALT_FILE = "sanitize.salt"
+"""The hash-mode sanitisation salt (`text/sanitize.py`) of an index that does not take it from the
+environment: random bytes, readable by the owner only, never named in the manifest (which holds only its
+fingerprint) and never replaced."""
+PRIVATE_FILES = (SALT_FILE,)
+"""Files that stay readable by their owner only when a folder gets the umask's permissions
+(`storage.apply_umask`)."""
 SAE_VERSIONS_DIR = "sae"
 """One folder per SAE version, `sae/v1`, `sae/v2`, ... (`sae_version_folder`)."""
 SEGMENTS_DIR = "segments"

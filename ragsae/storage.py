@@ -19,6 +19,8 @@ from typing import IO, Any
 import numpy as np
 import scipy.sparse as sp
 
+from .layout import PRIVATE_FILES
+
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
@@ -165,11 +167,11 @@ def current_umask() -> int:
 def apply_umask(folder: Path) -> None:
     """Give everything under `folder` the permissions a plain file or folder made now would have: some
     writers (safetensors) create files readable by their owner only, which other users of an index
-    could then not load."""
+    could then not load. Files named in `layout.PRIVATE_FILES` (a secret salt) are kept to their owner."""
     mask = current_umask()
     for root, dirs, files in os.walk(folder):
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            os.chmod(os.path.join(root, name), 0o600 if name in PRIVATE_FILES else 0o666 & ~mask)
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~mask)
     os.chmod(folder, 0o777 & ~mask)

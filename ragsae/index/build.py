@@ -1,4 +1,4 @@
-"""The build pipeline: corpus -> passages -> activations -> (SAE trained) -> pooled codes."""
+"""The build pipeline: corpus -> (sanitised) passages -> activations -> (SAE trained) -> pooled codes."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ..capture import ActivationCache, check_layer
-from ..config import BuildConfig
+from ..config import BuildConfig, CaptureConfig
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
 from ..errors import TrainingError
 from ..lm import LoadedLlm, load_llm
 from ..lm.loading import check_declared_layer
 from ..sae import SparseAutoencoder, TrainReport, load_sae
-from ..text import Passage, load_documents, split_passages
+from ..text import Audit, Document, Passage, SanitizedText, Sanitizer, load_documents, split_passages
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +26,68 @@ class BuiltCodes:
 
     encoder: CodeEncoder
     passages: list[Passage]
+    """What the index stores of each passage (`SanitizeConfig.store_text`)."""
     pooled: PooledCodes
     config: BuildConfig
     """The build config, with the SAE config of the SAE actually used."""
     sae_report: TrainReport | None
+    audit: Audit | None = None
+    """What sanitisation replaced; None when it is off."""
+
+
+@dataclass
+class PreparedPassages:
+    """Documents split for indexing: what the LLM reads and what the index stores of each passage."""
+
+    read: list[Passage]
+    """Passages of the sanitised documents (the originals when sanitisation is off): captured and encoded."""
+    stored: list[Passage]
+    """The same passages as the index keeps them: 'redacted' as read; 'full' the original text (offsets
+    into the original document); 'none' no text and no title, the original offsets only."""
+    audit: Audit | None
+    """Replacements per entity type over these documents; None when sanitisation is off."""
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.read]
+
+
+def prepare_passages(
+    documents: list[Document],
+    tokenizer: Any,
+    capture: CaptureConfig,
+    sanitizer: Sanitizer | None,
+    store_text: str,
+) -> PreparedPassages:
+    """Sanitise whole documents (before splitting, so that no value is cut in two), split them, and
+    make the records the index stores (`store_text`: 'full', 'redacted' or 'none', resolved)."""
+    sanitized: dict[str, SanitizedText] | None = None
+    audit: Audit | None = None
+    clean = documents
+    if sanitizer is not None and sanitizer.enabled:
+        pairs = [sanitizer.sanitize_document(doc) for doc in documents]
+        clean, sanitized = [doc for doc, _ in pairs], {doc.doc_id: full for doc, (_, full) in zip(documents, pairs)}
+        audit = Audit.of(full for _, full in pairs)
+    read = split_passages(clean, tokenizer, capture.window, capture.overlap)
+    if store_text == "redacted" or (sanitized is None and store_text == "full"):
+        return PreparedPassages(read, read, audit)
+    originals = {doc.doc_id: doc for doc in documents}
+    stored = [
+        _stored(p, originals[p.doc_id], sanitized[p.doc_id] if sanitized is not None else None, store_text)
+        for p in read
+    ]
+    return PreparedPassages(read, stored, audit)
+
+
+def _stored(passage: Passage, original: Document, sanitized: SanitizedText | None, store_text: str) -> Passage:
+    """A passage of a sanitised document as stored: its span of the original document ('full'; a
+    placeholder cut by the window's edge is taken whole), or that span's offsets alone ('none')."""
+    start, end = passage.char_start, passage.char_end
+    if sanitized is not None:
+        start, end = sanitized.original_span(start, end)
+    if store_text == "none":
+        return Passage(passage.passage_id, passage.doc_id, "", start, end, "")
+    return Passage(passage.passage_id, passage.doc_id, original.full_text[start:end], start, end, original.title)
 
 
 def check_enough_tokens(llm: LoadedLlm, passages: list[Passage], config: BuildConfig) -> None:
@@ -53,11 +111,15 @@ def encode_corpus(
     skip_empty: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    sanitizer: Sanitizer | None = None,
 ) -> BuiltCodes:
     """Split a corpus into passages, capture them, train an SAE on them unless one is given (an
     `SparseAutoencoder` or its folder), and pool every passage's codes.
 
-    The corpus and a given SAE folder are read before the LLM loads, so that bad input fails fast.
+    With a `sanitizer` (`config.sanitize.mode` not 'off'), documents are sanitised before they are
+    split, so the LLM, the SAE and the codes only see placeholders; the passages returned are what
+    `config.sanitize.store_text` keeps. The corpus and a given SAE folder are read before the LLM
+    loads, so that bad input fails fast.
     """
     documents = load_documents(corpus, skip_empty=skip_empty)
     given = sae if isinstance(sae, SparseAutoencoder) else (load_sae(sae) if sae is not None else None)
@@ -68,16 +130,18 @@ def encode_corpus(
     if given is not None:
         check_sae_matches(given, llm, config.capture, str(sae) if not isinstance(sae, SparseAutoencoder) else "(given)")
         config = replace(config, sae=given.config)
-    passages = split_passages(documents, llm.tokenizer, config.capture.window, config.capture.overlap)
-    logger.info("%d documents -> %d passages", len(documents), len(passages))
+    prepared = prepare_passages(documents, llm.tokenizer, config.capture, sanitizer, config.sanitize.stored_text)
+    logger.info("%d documents -> %d passages", len(documents), len(prepared.read))
+    if prepared.audit is not None:
+        logger.info("sanitised %d of %d documents: %s", prepared.audit.changed, len(documents), prepared.audit.counts)
     if given is None:
-        check_enough_tokens(llm, passages, config)
+        check_enough_tokens(llm, prepared.read, config)
     cache = ActivationCache(cache_dir) if cache_dir else None
-    texts = [p.text for p in passages]
+    texts = prepared.texts
     acts = passage_activations(llm, texts, config.capture, cache, progress)
     report = None
     if given is None:
         given, report = fit_sae(llm, texts, acts, config.capture, config.sae, progress)
     encoder = CodeEncoder(llm, given.to(llm.device).eval(), config.capture, config.scoring.pooling, cache)
     pooled = encoder.pool_activations(acts, progress=progress)
-    return BuiltCodes(encoder, passages, pooled, config, report)
+    return BuiltCodes(encoder, prepared.stored, pooled, config, report, prepared.audit)

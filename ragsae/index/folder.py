@@ -2,12 +2,13 @@
 
 A folder holds `manifest.json` (the commit point: format version, generation, LLM id and hash,
 layer, configs, SAE versions with their lineage, the segments with each file's SHA-256 and their
-tombstone files, counts, library versions, drift history file), `sae/vN/` (one folder per SAE
-version), `segments/NNNNNN/` (written once, never changed) and `history/`. A change writes new files
-under new names, then replaces the manifest (flushed to disk): a crash at any moment leaves the old
-manifest or the new one, each naming only complete files. Files no manifest names are removed after
-the commit and by the next writer (`collect_garbage`). File names and the format version are in
-`layout.py`.
+tombstone files, counts, library versions, drift history file, sanitisation audit and salt
+fingerprint), `sae/vN/` (one folder per SAE version), `segments/NNNNNN/` (written once, never
+changed), `history/` and, for a hash-mode index without `salt_env`, `sanitize.salt` (owner-only,
+never named by the manifest, never replaced). A change writes new files under new names, then
+replaces the manifest (flushed to disk): a crash at any moment leaves the old manifest or the new
+one, each naming only complete files. Files no manifest names are removed after the commit and by
+the next writer (`collect_garbage`). File names and the format version are in `layout.py`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..layout import (
 from ..retrieval.scoring import CorpusStatistics
 from ..sae import SparseAutoencoder, load_sae
 from ..storage import file_sha256, json_checksum, read_versioned_json, recover_folder, write_json_atomic
+from ..text import Audit
 from .segment import Segment, read_segment
 
 T = TypeVar("T")
@@ -99,8 +101,14 @@ def build_manifest(
     segments: list[Segment],
     history: dict[str, Any] | None,
     library_versions: dict[str, str],
+    sanitize_audit: dict[str, Any] | None = None,
+    salt_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest of an index whose files are all written; its checksum covers every field."""
+    """The manifest of an index whose files are all written; its checksum covers every field.
+
+    `sanitize_audit` is what sanitisation replaced over every build and add (counts per entity type,
+    never values; None when it is off), `salt_fingerprint` names the hash-mode salt without revealing
+    it (the salt itself is never in the manifest)."""
     live = [p for s in segments for p in (s.passages[i] for i in s.live)]
     manifest: dict[str, Any] = {
         "format_version": INDEX_FORMAT_VERSION,
@@ -125,6 +133,8 @@ def build_manifest(
             "nonzeros": sum(int(s.codes.nnz) for s in segments),
         },
         "history": history,
+        "sanitize_audit": sanitize_audit,
+        "salt_fingerprint": salt_fingerprint,
     }
     manifest["checksum"] = json_checksum(manifest)
     return manifest
@@ -264,6 +274,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         if not HISTORY_NAME.match(str(field(history, "file", str))):
             raise IndexFolderError(f"{manifest_path}: field 'history.file' is not a history file name")
         field(history, "sha256", str)
+    if manifest.get("sanitize_audit") is not None:
+        try:
+            Audit.from_dict(manifest["sanitize_audit"])
+        except IndexFolderError as error:
+            raise IndexFolderError(f"{manifest_path}: field 'sanitize_audit': {error}") from None
+    fingerprint = manifest.get("salt_fingerprint")
+    if fingerprint is not None and not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{16}", fingerprint)):
+        raise IndexFolderError(f"{manifest_path}: field 'salt_fingerprint' is not 16 hex digits")
     return manifest
 
 
@@ -290,9 +308,13 @@ def read_index_folder(path: str | Path, attempts: int = 5) -> IndexContents:
         manifest = read_manifest(path)
         try:
             return read_contents(path, manifest)
-        except IndexFolderError:
+        except (IndexFolderError, OSError) as error:
             if attempt + 1 == attempts or read_manifest(path)["generation"] == manifest["generation"]:
-                raise
+                if isinstance(error, IndexFolderError):
+                    raise
+                raise IndexFolderError(
+                    f"{path}: could not read {error.filename or 'a file'} ({error.strerror})"
+                ) from None
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
 
