@@ -338,6 +338,18 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_index(args: argparse.Namespace) -> Any:
+    from .index import Index
+
+    return Index.load(args.index, device=getattr(args, "device", None))
+
+
+def open_catalog(path: str) -> Any:
+    from .index import Index
+
+    return Index.latent_catalog(path)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .index import verify_index_folder
 
@@ -560,6 +572,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="rebuild even if the index exists")
     add_hits_arg(p, 3, "passages given to the LLM")
     p.set_defaults(func=cmd_demo)
+
+    from .latents.cli import add_latent_parsers  # latents, atlas, explain
+
+    add_latent_parsers(sub, open_index, open_catalog)
 
     p = sub.add_parser(
         "bench",

@@ -4,6 +4,7 @@ an SAE is trained on a corpus's passages, so that it is trained on the activatio
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,13 +166,23 @@ class CodeEncoder:
         self.pooling = pooling
         self.cache = cache
 
-    def pool_activations(self, acts: TokenActivations, progress: bool = False) -> PooledCodes:
+    def pool_activations(
+        self,
+        acts: TokenActivations,
+        progress: bool = False,
+        observe: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    ) -> PooledCodes:
+        """Pooled codes of captured passages; `observe(first_token_row, values, indices)` sees every
+        slice of token codes on the way (the latent statistics of `latents/` are gathered so, without
+        a second SAE pass)."""
         chunks = []
         # Encode in slices of texts so memory stays bounded on large corpora.
         bounds = list(range(0, len(acts), 2048)) + [len(acts)]
         for lo, hi in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="encode SAE", disable=not progress):
             a, b = acts.offsets[lo], acts.offsets[hi]
             values, indices = encode_tokens(self.sae, acts.values[a:b], select_dtype=selection_dtype(self.llm))
+            if observe is not None:
+                observe(int(a), values, indices)
             chunks.append(pool(values, indices, acts.offsets[lo : hi + 1] - a, self.sae.num_latents, self.pooling))
         codes = chunks[0] if len(chunks) == 1 else sp.vstack(chunks, format="csr")
         return PooledCodes(codes, acts.lengths().astype(np.float32))

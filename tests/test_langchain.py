@@ -18,6 +18,7 @@ def test_retriever_returns_documents_with_metadata(tiny_build_config, tiny_llm):
     assert [d.metadata["passage_id"] for d in docs] == [h.passage_id for h in expected]
     assert docs[0].metadata["rank"] == 1 and docs[0].metadata["score"] == pytest.approx(expected[0].score)
     assert docs[0].metadata["latents"] and docs[0].page_content == expected[0].text
+    assert len(docs[0].metadata["latent_labels"]) == len(docs[0].metadata["latents"])  # labelled by the catalog
 
 
 def test_install_hint_shows_without_langchain_core(monkeypatch):

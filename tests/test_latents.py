@@ -286,7 +286,7 @@ def test_atlas_keeps_corpus_text_inert(tmp_path):
 
 def run_cli(argv, index):
     parser = argparse.ArgumentParser(prog="ragsae")
-    add_latent_parsers(parser.add_subparsers(dest="command", required=True), lambda args: index)
+    add_latent_parsers(parser.add_subparsers(dest="command", required=True), lambda args: index, LatentCatalog.load)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -377,3 +377,34 @@ def test_atlas_renders_in_a_headless_browser(described, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_an_index_describes_its_latents_at_build_and_labels_its_hits(described, tiny_llm, tmp_path, capsys):
+    """The catalog `Index.build` gathers from the codes it pools equals a separate `describe_latents`
+    pass; it is saved with the SAE version, checked on load, labels every hit, and a retrain describes
+    the new SAE."""
+    from ragsae.cli import main
+
+    index, _, _, catalog, _ = described
+    assert index.catalog is not None and index.catalog.to_json() == catalog.to_json()
+    hits = index.search("what is an axon terminal", k=3)
+    assert all(h.labels == [catalog.label(j) for j, _ in h.latents] and h.labels for h in hits)
+    index.save(tmp_path / "idx")
+    assert (tmp_path / "idx" / "sae" / "v1" / "latents.json").is_file()
+    assert Index.latent_catalog(tmp_path / "idx").to_json() == catalog.to_json()
+    reopened = Index.load(tmp_path / "idx", llm=tiny_llm)
+    assert reopened.search("what is an axon terminal", k=3) == hits
+    card = max(catalog, key=lambda c: c.tokens)
+    assert main(["latents", str(tmp_path / "idx"), "--id", str(card.latent)]) == 0
+    assert card.label in capsys.readouterr().out
+    with open(tmp_path / "idx" / "sae" / "v1" / "latents.json", "a", encoding="utf-8") as handle:
+        handle.write(" ")
+    assert main(["latents", str(tmp_path / "idx")]) == 2
+    assert "latents.json: checksum mismatch" in capsys.readouterr().err
+    fresh = Index.load(tmp_path / "idx", llm=tiny_llm)
+    fresh._catalog, fresh._catalog_loaded = catalog, True  # as before the damage
+    fresh.save(tmp_path / "again")
+    record = fresh.retrain(epochs=1)
+    assert record["latents"] is not None and fresh.catalog is not None
+    assert Index.latent_catalog(tmp_path / "again").to_json() == fresh.catalog.to_json()
+    assert fresh.catalog.source["sae_k"] == fresh.sae.config.k

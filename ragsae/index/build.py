@@ -8,10 +8,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..capture import ActivationCache, check_layer
+from ..capture import ActivationCache, TokenActivations, check_layer
 from ..config import BuildConfig, CaptureConfig
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
 from ..errors import TrainingError
+from ..latents import DescribeSettings, LatentCatalog, LatentStatistics, catalog_of, passage_tokens
 from ..lm import LoadedLlm, load_llm
 from ..lm.loading import check_declared_layer
 from ..sae import SparseAutoencoder, TrainReport, load_sae
@@ -33,6 +34,8 @@ class BuiltCodes:
     sae_report: TrainReport | None
     audit: Audit | None = None
     """What sanitisation replaced; None when it is off."""
+    catalog: LatentCatalog | None = None
+    """The SAE's latents described on these passages; None when not asked for."""
 
 
 @dataclass
@@ -112,6 +115,7 @@ def encode_corpus(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     sanitizer: Sanitizer | None = None,
+    describe: bool = True,
 ) -> BuiltCodes:
     """Split a corpus into passages, capture them, train an SAE on them unless one is given (an
     `SparseAutoencoder` or its folder), and pool every passage's codes.
@@ -143,5 +147,21 @@ def encode_corpus(
     if given is None:
         given, report = fit_sae(llm, texts, acts, config.capture, config.sae, progress)
     encoder = CodeEncoder(llm, given.to(llm.device).eval(), config.capture, config.scoring.pooling, cache)
-    pooled = encoder.pool_activations(acts, progress=progress)
-    return BuiltCodes(encoder, prepared.stored, pooled, config, report, prepared.audit)
+    pooled, catalog = pool_and_describe(encoder, prepared.read, acts, describe, progress)
+    return BuiltCodes(encoder, prepared.stored, pooled, config, report, prepared.audit, catalog)
+
+
+def pool_and_describe(
+    encoder: CodeEncoder, passages: list[Passage], acts: TokenActivations, describe: bool, progress: bool
+) -> tuple[PooledCodes, LatentCatalog | None]:
+    """Pooled codes of captured passages and, with `describe`, the catalog of the SAE's latents on them
+    (gathered from the same token codes: no second SAE pass). `passages` are what the LLM read."""
+    if not describe:
+        return encoder.pool_activations(acts, progress=progress), None
+    texts = [p.text for p in passages]
+    stats = LatentStatistics(
+        encoder.sae.num_latents, passage_tokens(encoder.llm, texts, encoder.capture), [p.doc_id for p in passages]
+    )
+    pooled = encoder.pool_activations(acts, progress=progress, observe=stats.add)
+    catalog = catalog_of(stats, encoder.llm, encoder.sae, passages, encoder.capture, DescribeSettings())
+    return pooled, catalog

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from ..config import BuildConfig
 from ..errors import IndexFolderError, RagsaeError, SaeLoadError
+from ..latents import LATENTS_FILE, LatentCatalog
 from ..layout import (
     HISTORY_DIR,
     INDEX_FORMAT_VERSION,
@@ -90,6 +91,30 @@ def sae_files(root: Path, folder: str) -> dict[str, str]:
     return {name: file_sha256(root / folder / name) for name in SAE_FILES}
 
 
+def write_catalog(root: Path, folder: str, catalog: LatentCatalog | None) -> dict[str, str] | None:
+    """Write an SAE version's latent catalog into its folder; the manifest's record of it (None: none)."""
+    if catalog is None:
+        return None
+    (name,) = catalog.save(root / folder)
+    return {"file": f"{folder}/{name}", "sha256": file_sha256(root / folder / name)}
+
+
+def load_catalog(path: str | Path, num_latents: int, manifest: dict[str, Any] | None = None) -> LatentCatalog | None:
+    """The current SAE version's latent catalog, checked against the manifest; None when it has none."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+    record = current.get("latents")
+    if record is None:
+        return None
+    file = path / record["file"]
+    if not file.is_file():
+        raise IndexFolderError(f"{file}: missing")
+    if file_sha256(file) != record["sha256"]:
+        raise IndexFolderError(f"{file}: checksum mismatch with the manifest (corrupted or edited)")
+    return LatentCatalog.load(file.parent, num_latents)
+
+
 def build_manifest(
     *,
     created: str,
@@ -152,6 +177,8 @@ def referenced_paths(manifest: dict[str, Any]) -> set[str]:
         if version.get("folder"):
             names.add(version["folder"])
             names.update(f"{version['folder']}/{file}" for file in version["files"])
+            if version.get("latents"):
+                names.add(version["latents"]["file"])
     for segment in manifest["segments"]:
         names.add(segment["name"])
         names.update(f"{segment['name']}/{file}" for file in segment["files"])
@@ -244,6 +271,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise IndexFolderError(f"{manifest_path}: field '{where}.folder' is not an SAE version folder name")
         if folder is not None and set(field(version, "files", dict)) != set(SAE_FILES):
             raise IndexFolderError(f"{manifest_path}: field '{where}.files' must list {', '.join(SAE_FILES)}")
+        latents = version.get("latents")
+        if latents is not None and (
+            not isinstance(latents, dict)
+            or not isinstance(latents.get("sha256"), str)
+            or latents.get("file") != f"{folder}/{LATENTS_FILE}"
+        ):
+            raise IndexFolderError(f"{manifest_path}: field '{where}.latents' does not name the version's catalog")
         versions[number] = version
     current = manifest["sae"]["current"]
     if current not in versions or not versions[current].get("folder"):

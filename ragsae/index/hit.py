@@ -16,3 +16,6 @@ class Hit:
     text: str = ""
     latents: list[tuple[int, float]] = field(default_factory=list)
     """(latent, contribution) pairs that added most to the score, strongest first."""
+    labels: list[str] = field(default_factory=list)
+    """A short label of each of `latents` (its characteristic tokens; `latents/`), where the index has
+    a latent catalog; empty otherwise."""

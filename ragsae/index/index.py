@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ import scipy.sparse as sp
 from ..config import BuildConfig, SanitizeConfig, SearchMode, to_dict
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
 from ..errors import ConfigError, CorpusError, IndexFolderError, QueryError
+from ..latents import Explanation, LatentCatalog, explain_query
 from ..layout import (
     LOCK_FILE,
     SAE_VERSIONS_DIR,
@@ -47,19 +49,21 @@ from ..sae.compare import compare_saes
 from ..storage import atomic_folder, atomic_output, exclusive_lock, file_sha256, lock_holder, storage_precision
 from ..text import Audit, Document, Passage, Sanitizer, load_documents, resolve_salt, salt_fingerprint
 from ..text.sanitize import env_salt, new_salt, write_salt
-from .build import PreparedPassages, encode_corpus, prepare_passages
+from .build import PreparedPassages, encode_corpus, pool_and_describe, prepare_passages
 from .drift import drift_report
 from .folder import (
     build_manifest,
     check_writable,
     collect_garbage,
     is_index_folder,
+    load_catalog,
     next_segment_number,
     now,
     read_index_folder,
     read_manifest,
     sae_files,
     unchanged_on_os_error,
+    write_catalog,
     write_manifest,
 )
 from .hit import Hit
@@ -118,6 +122,9 @@ class Index:
         self.generation = 0
         self.created = now()
         self._write_lock = threading.RLock()
+        self._catalog: LatentCatalog | None = None
+        self._catalog_loaded = False
+        self._catalog_lock = threading.Lock()
         self.sanitize_audit: Audit | None = None
         """What sanitisation replaced in every build and add so far (counts, never values); None when off."""
         self._salt: bytes | None = None
@@ -134,9 +141,10 @@ class Index:
         pooled: PooledCodes,
         config: BuildConfig,
         sae_report: TrainReport | None = None,
+        catalog: LatentCatalog | None = None,
     ) -> Index:
         """A one-segment index over pooled codes. An SAE without reference statistics gets those of these
-        passages (an SAE trained on them has them already)."""
+        passages (an SAE trained on them has them already). `catalog` describes the SAE's latents."""
         codes = storage_precision(pooled.codes)  # searched at the precision they are stored in
         reference = reference_of(encoder.sae) or CorpusStatistics.of(codes, pooled.lengths)
         sae = with_reference(encoder.sae, reference)
@@ -144,6 +152,7 @@ class Index:
         index = cls(encoder, config)
         index.sae_versions = [version_record(1, sae, None, "scratch" if sae_report else "given", len(passages))]
         index._append(index._segment(passages, codes, pooled.lengths))
+        index._catalog = catalog
         return index
 
     @property
@@ -164,6 +173,35 @@ class Index:
         return sp.vstack([s.codes for s in self.segments], format="csr")
 
     @property
+    def catalog(self) -> LatentCatalog | None:
+        """The current SAE's latents described on the passages it was built or retrained on (labels, top
+        contexts, characteristic tokens); read from the folder on first use; None when there is none.
+        Passages added later do not change what a latent means, so adds leave it as it is."""
+        with self._catalog_lock:
+            if self._catalog is None and not self._catalog_loaded and self.path is not None:
+                self._catalog = load_catalog(self.path, self.sae.num_latents)
+            self._catalog_loaded = True
+            return self._catalog
+
+    @staticmethod
+    def latent_catalog(path: str | Path) -> LatentCatalog:
+        """The latent catalog of an index folder, checked against its manifest (the LLM is not loaded)."""
+        manifest = read_manifest(path)
+        current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+        catalog = load_catalog(path, current["num_latents"], manifest)
+        if catalog is None:
+            raise IndexFolderError(f"{path}: has no latent catalog (built with describe_latents=False); rebuild it")
+        return catalog
+
+    def explain(self, query: str, doc_id: str | None = None) -> Explanation:
+        """Why the top hit for `query` (or document / passage `doc_id`) matched: every latent query and
+        passage share, with its label, its share of the sparse score and the passage tokens where it fires."""
+        catalog = self.catalog
+        if catalog is None:
+            raise IndexFolderError("this index has no latent catalog (built with describe_latents=False)")
+        return explain_query(self, catalog, query, doc_id)
+
+    @property
     def documents(self) -> list[str]:
         """Live document ids, in the order they were added."""
         return list(self.doc_rows)
@@ -181,6 +219,7 @@ class Index:
         cache_dir: str | Path | None = None,
         overwrite: bool = False,
         progress: bool = False,
+        describe_latents: bool = True,
     ) -> Index:
         """Split, capture, (train an SAE,) encode and index a corpus; saved to `path` when given.
 
@@ -189,6 +228,8 @@ class Index:
                 strings, dicts or `Document`s.
             sae: an SAE, its folder, or an index folder (its current SAE) to reuse; None trains one.
             cache_dir: where to cache captured activations (None: no cache).
+            describe_latents: describe the SAE's latents on the corpus (labels, contexts: `latents/`),
+                for labelled hits, `explain`, `ragsae latents` and the atlas.
         """
         config = config or BuildConfig()
         if path is not None:
@@ -201,8 +242,10 @@ class Index:
                 sae = Index.current_sae_folder(sae)
         salt = new_index_salt(config.sanitize)
         sanitizer = Sanitizer(config.sanitize, salt) if config.sanitize.mode != "off" else None
-        built = encode_corpus(corpus, config, sae, llm, skip_empty, cache_dir, progress, sanitizer)
-        index = cls.from_codes(built.encoder, built.passages, built.pooled, built.config, built.sae_report)
+        built = encode_corpus(corpus, config, sae, llm, skip_empty, cache_dir, progress, sanitizer, describe_latents)
+        index = cls.from_codes(
+            built.encoder, built.passages, built.pooled, built.config, built.sae_report, built.catalog
+        )
         index._salt, index._sanitizer, index.sanitize_audit = salt, sanitizer, built.audit
         if path is not None:
             index.save(path, overwrite=overwrite)
@@ -345,12 +388,21 @@ class Index:
                 break
             depth = min(n, 4 * depth)
         top = self.config.scoring.explain_top
+        catalog = self.catalog
         results: dict[str, list[Hit]] = {}
         for row, qid in enumerate(queries):
             pids, hit_scores = ids[row][chosen[row]], scores[row][chosen[row]]
             explained = retriever.explain(weights[row], pids, top)
             results[qid] = [
-                Hit(passages[pid].passage_id, passages[pid].doc_id, float(score), rank, passages[pid].text, latents)
+                Hit(
+                    passages[pid].passage_id,
+                    passages[pid].doc_id,
+                    float(score),
+                    rank,
+                    passages[pid].text,
+                    latents,
+                    [catalog.label(j) for j, _ in latents] if catalog is not None else [],
+                )
                 for rank, (pid, score, latents) in enumerate(zip(pids.tolist(), hit_scores, explained), 1)
             ]
         return results
@@ -549,7 +601,8 @@ class Index:
             trained, report = fit_sae(self.llm, texts, acts, capture, sae_config, progress, start)
             trained = trained.to(self.llm.device).eval()
             encoder = CodeEncoder(self.llm, trained, capture, self.encoder.pooling, self.encoder.cache)
-            pooled = encoder.pool_activations(acts, progress)
+            read = [dataclasses.replace(p, text=t) for p, t in zip(passages, texts)]
+            pooled, catalog = pool_and_describe(encoder, read, acts, self.catalog is not None, progress)
             codes = storage_precision(pooled.codes)
             reference = CorpusStatistics.of(codes, pooled.lengths)
             trained.metadata["reference"] = reference.to_json()
@@ -561,6 +614,7 @@ class Index:
             record["comparison"] = comparison
             successor = Index(encoder, replace(self.config, sae=trained.config), self.path)
             successor.sae_version = version
+            successor._catalog = catalog
             segment = successor._segment(passages, codes, pooled.lengths)
             self._commit_and_apply(new_segment=segment, replace_all=True, new_sae=(successor, record))
             return record
@@ -592,14 +646,18 @@ class Index:
         audit = audit if audit is not None else self.sanitize_audit
         if self.path is not None:
             sae = new_sae[0].sae if new_sae else None
+            catalog = new_sae[0]._catalog if new_sae else None
             unchanged_on_os_error(
-                lambda: self._write_change(segments, history, versions, current, generation, sae, audit), self.path
+                lambda: self._write_change(segments, history, versions, current, generation, sae, audit, catalog),
+                self.path,
             )
         # Committed: apply in memory.
         if new_sae is not None:
             successor = new_sae[0]
             self.encoder, self.config, self.reference = successor.encoder, successor.config, successor.reference
             self.sae_version = current
+            with self._catalog_lock:
+                self._catalog, self._catalog_loaded = successor._catalog, True
         if replace_all or new_sae is not None:
             self._rebuild(segments)
         else:
@@ -639,12 +697,13 @@ class Index:
         generation: int,
         new_sae: SparseAutoencoder | None,
         audit: Audit | None,
+        new_catalog: LatentCatalog | None = None,
     ) -> None:
         """New files under new names, then the manifest (the commit), then what it no longer names goes."""
         assert self.path is not None
         root = self.path
         named = self._write_files(
-            root, segments, history, versions, current, generation, new_sae, fresh=False, audit=audit
+            root, segments, history, versions, current, generation, new_sae, False, audit, new_catalog
         )
         write_manifest(root, named)
         removed = collect_garbage(root, named)
@@ -661,6 +720,7 @@ class Index:
         new_sae: SparseAutoencoder | None,
         fresh: bool,
         audit: Audit | None,
+        new_catalog: LatentCatalog | None = None,
     ) -> dict[str, Any]:
         """Write whatever of this state is not on disk at `root` yet (everything when `fresh`, the
         hash-mode salt file included); the manifest that describes it, not yet written."""
@@ -684,6 +744,7 @@ class Index:
                 record["folder"] = sae_version_folder(current)
                 record["weights_sha256"] = sae.save(root / record["folder"])
                 record["files"] = sae_files(root, record["folder"])
+                record["latents"] = write_catalog(root, record["folder"], new_catalog if new_sae else self.catalog)
             elif fresh:
                 record["folder"], record["files"] = None, None  # lineage only: the weights stay behind
         history_record = None

@@ -36,6 +36,7 @@ class SaeRetriever(BaseRetriever):
                     "score": hit.score,
                     "rank": hit.rank,
                     "latents": [[j, w] for j, w in hit.latents],
+                    "latent_labels": list(hit.labels),
                 },
             )
             for hit in self.index.search(query, self.k, self.mode)

@@ -14,10 +14,11 @@ from typing import Any
 from ..errors import QueryError
 from .atlas import write_atlas
 from .catalog import LatentCard, LatentCatalog, clean_token
-from .explain import explain_query
 
 IndexLoader = Callable[[argparse.Namespace], Any]
 """Opens the index named by `args.index` (with `args.device`), for `explain`."""
+CatalogLoader = Callable[[str], LatentCatalog]
+"""Reads the latent catalog of the index folder it is given (checked against the index's manifest)."""
 
 
 def card_summary(card: LatentCard) -> str:
@@ -49,8 +50,8 @@ def format_card(card: LatentCard, catalog: LatentCatalog) -> str:
     return "\n".join(lines)
 
 
-def cmd_latents(args: argparse.Namespace) -> int:
-    catalog = LatentCatalog.load(args.index)
+def cmd_latents(args: argparse.Namespace, load_catalog: CatalogLoader) -> int:
+    catalog = load_catalog(args.index)
     if args.id is not None:
         card = catalog.card(args.id)
         print(json.dumps(card.to_json(), indent=2, ensure_ascii=False) if args.json else format_card(card, catalog))
@@ -75,17 +76,15 @@ def cmd_latents(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_atlas(args: argparse.Namespace) -> int:
-    catalog = LatentCatalog.load(args.index)
+def cmd_atlas(args: argparse.Namespace, load_catalog: CatalogLoader) -> int:
+    catalog = load_catalog(args.index)
     path = write_atlas(catalog, args.output, title=args.title or f"Latent atlas of {Path(args.index).name}")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(catalog)} latents)")
     return 0
 
 
 def cmd_explain(args: argparse.Namespace, load_index: IndexLoader) -> int:
-    catalog = LatentCatalog.load(args.index)
-    index = load_index(args)
-    explanation = explain_query(index, catalog, args.query, args.doc)
+    explanation = load_index(args).explain(args.query, args.doc)
     if args.json:
         print(json.dumps(explanation.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -93,9 +92,10 @@ def cmd_explain(args: argparse.Namespace, load_index: IndexLoader) -> int:
     return 0
 
 
-def add_latent_parsers(subparsers: Any, load_index: IndexLoader) -> None:
+def add_latent_parsers(subparsers: Any, load_index: IndexLoader, load_catalog: CatalogLoader) -> None:
     """Add `latents`, `atlas` and `explain` to the main parser's subcommands; `load_index(args)` opens
-    `args.index` for `explain` (`Index.load(args.index, device=args.device)`)."""
+    `args.index` for `explain` (`Index.load(args.index, device=args.device)`), `load_catalog(path)` reads
+    an index's catalog for `latents` and `atlas` (`Index.latent_catalog`)."""
     p = subparsers.add_parser(
         "latents",
         help="find latents by label or by a token they fire on; show one latent's card",
@@ -107,7 +107,7 @@ def add_latent_parsers(subparsers: Any, load_index: IndexLoader) -> None:
     p.add_argument("--id", type=int, metavar="N", help="show latent N's card")
     p.add_argument("--limit", type=int, default=20, help="latents listed (default: 20)")
     p.add_argument("--json", action="store_true", help="print cards as JSON")
-    p.set_defaults(func=cmd_latents)
+    p.set_defaults(func=functools.partial(cmd_latents, load_catalog=load_catalog))
 
     p = subparsers.add_parser(
         "atlas",
@@ -118,7 +118,7 @@ def add_latent_parsers(subparsers: Any, load_index: IndexLoader) -> None:
     p.add_argument("index", help="index folder")
     p.add_argument("-o", "--output", required=True, help="HTML file to write (e.g. atlas.html)")
     p.add_argument("--title", help="page title (default: 'Latent atlas of INDEX')")
-    p.set_defaults(func=cmd_atlas)
+    p.set_defaults(func=functools.partial(cmd_atlas, load_catalog=load_catalog))
 
     p = subparsers.add_parser(
         "explain",
