@@ -52,6 +52,10 @@ from ragsae.text import Document, split_passages
 LATENCY_QUERIES = 30
 
 
+class BuildOnly(Exception):
+    """Ends the run after step 1 (--build-only)."""
+
+
 def ndcg(index: Index, queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> float:
     qids = list(queries)
     scores, ids = index.retriever.search(index.encode_queries([queries[q] for q in qids]), 100)
@@ -114,6 +118,9 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="measure a light retraining (minutes)")
     parser.add_argument("--cache-dir", default="benchmarks/.cache", help="where `ragsae bench` caches SAEs")
     parser.add_argument("--output-dir", default="benchmarks/results/lifecycle")
+    parser.add_argument(
+        "--build-only", action="store_true", help="only step 1 (build against MiniLM), written to its own files"
+    )
     args = parser.parse_args()
     dataset = Path(args.dataset)
     documents, queries, qrels = load_beir(dataset)
@@ -144,6 +151,14 @@ def main() -> None:
             "ratio": build_s / minilm_s,
             "passages_per_s": len(passages) / build_s,
         }
+        if args.build_only:
+            # What describing the latents (the catalog behind labels, explain and the atlas) adds.
+            start = time.perf_counter()
+            Index.build(documents, work / "plain", config, sae=sae, llm=llm, describe_latents=False)
+            result["build"]["without_latent_catalog_s"] = time.perf_counter() - start
+            result["build"]["latent_catalog_bytes"] = (work / "whole" / "sae" / "v1" / "latents.json").stat().st_size
+            print(json.dumps(result["build"], indent=2))
+            raise BuildOnly
         print(json.dumps(result["build"], indent=2))
 
         # 2. Growth: 80% in one go; drift of held-out and other text against it (nothing added); then the
@@ -248,11 +263,17 @@ def main() -> None:
                 "comparison": record["comparison"],
             }
             print(json.dumps(result["retrain"], indent=2))
+    except BuildOnly:
+        pass
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(command=command_line(), commit=git_commit(), machine=machine(), versions=library_versions())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.build_only:
+        write_json_atomic(out / f"build-{dataset.name}.json", result)
+        print(json.dumps(result["build"], indent=2))
+        return
     write_json_atomic(out / f"lifecycle-{dataset.name}.json", result)
     write_text_atomic(out / f"lifecycle-{dataset.name}.md", markdown(result))
     print(markdown(result))

@@ -112,9 +112,10 @@ def test_sigkill_at_write_steps_of_a_save_leaves_the_old_or_the_new_index(two_in
 def test_sigkill_while_an_sae_folder_is_replaced_leaves_a_loadable_sae(two_indexes, tiny_llm_dir):
     llm, root, _, _ = two_indexes
     target = root / "sae-killed"
-    shutil.copytree(root / "a" / "sae" / "v1", target)
+    sae_only = shutil.ignore_patterns("latents.json")  # an SAE folder as `ragsae train` writes it
+    shutil.copytree(root / "a" / "sae" / "v1", target, ignore=sae_only)
     old, new = load_sae(target).weights_sha256, load_sae(root / "b" / "sae" / "v1").weights_sha256
-    shutil.copytree(root / "a" / "sae" / "v1", root / "sae-count")
+    shutil.copytree(root / "a" / "sae" / "v1", root / "sae-count", ignore=sae_only)
     steps = int(run_driver(tiny_llm_dir, root, root / "sae-count", "sae", "count", 0).stdout.split()[-1])
     for at in sorted({round(1 + i * (steps - 1) / 7) for i in range(8)}):  # 8 points, first and last included
         assert run_driver(tiny_llm_dir, root, target, "sae", "kill", at).returncode == -9
