@@ -363,11 +363,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .capture import check_layer
-    from .encode import fit_sae, passage_activations
+    from .encode import CodeEncoder, fit_sae, passage_activations
     from .index.build import check_enough_tokens
     from .index.folder import occupied
     from .lm import load_llm
     from .lm.loading import check_declared_layer
+    from .retrieval.scoring import CorpusStatistics
+    from .storage import storage_precision
     from .text import load_documents, split_passages
 
     if occupied(args.output) and not args.overwrite:
@@ -382,6 +384,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     texts = [p.text for p in passages]
     acts = passage_activations(llm, texts, config.capture, progress=True)
     sae, report = fit_sae(llm, texts, acts, config.capture, config.sae, progress=True)
+    # The statistics an index weights and prunes passages with, frozen with the SAE: indexes built with
+    # it in one go or grown by adds then score alike (README, "Keeping an index up to date").
+    pooled = CodeEncoder(llm, sae.to(llm.device).eval(), config.capture, config.scoring.pooling).pool_activations(acts)
+    sae.metadata["reference"] = CorpusStatistics.of(storage_precision(pooled.codes), pooled.lengths).to_json()
     sae.save(args.output)
     print(json.dumps(report.to_json(), indent=2))
     return 0

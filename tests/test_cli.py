@@ -88,6 +88,7 @@ def test_train_then_build_with_its_sae_feeds_the_activations_it_trained_on(tiny_
     for key in ("train_fingerprint", "passage_prefix", "window", "layer", "llm_hash"):
         assert trained.metadata[key] == built.metadata[key], key
     assert trained.metadata["passage_prefix"] == "Document: "
+    assert trained.metadata["reference"]["passages"] == built.metadata["reference"]["passages"]  # frozen with it
     manifest = json.loads((reused / "manifest.json").read_text())
     (version,) = manifest["sae"]["versions"]
     assert version["weights_sha256"] == trained.weights_sha256  # build --sae indexes with that very SAE
