@@ -28,7 +28,7 @@ def test_build_writes_a_complete_folder(built, tmp_path):
         "passages.jsonl",
         "faiss.index",
     }
-    assert {p.name for p in (folder / "sae" / "v1").iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in (folder / "sae" / "v1").iterdir()} == {"config.json", "model.safetensors", "latents.json"}
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["counts"]["passages"] == len(TOY_DOCS) and manifest["generation"] == 1
     (version,) = manifest["sae"]["versions"]

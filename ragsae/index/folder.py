@@ -368,6 +368,13 @@ def read_contents(path: Path, manifest: dict[str, Any]) -> IndexContents:
             raise IndexFolderError(f"{sae_folder / name}: missing")
         if file_sha256(sae_folder / name) != digest:
             raise IndexFolderError(f"{sae_folder / name}: checksum mismatch with the manifest (corrupted or edited)")
+    latents = current.get("latents")
+    if latents is not None:  # read on first use (`Index.catalog`), checked now like every file
+        file = path / latents["file"]
+        if not file.is_file():
+            raise IndexFolderError(f"{file}: missing")
+        if file_sha256(file) != latents["sha256"]:
+            raise IndexFolderError(f"{file}: checksum mismatch with the manifest (corrupted or edited)")
     try:
         sae = load_sae(sae_folder)  # verifies the weights against its own header
     except SaeLoadError as error:
