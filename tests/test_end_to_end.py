@@ -24,8 +24,9 @@ def real_index(tmp_path_factory):
 def test_real_model_retrieves_judged_passages(real_index):
     built, loaded, queries, qrels = real_index
     assert built.llm.model_id.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and built.llm.num_layers == 30
-    report = built.sae_report
-    assert report is not None and report.fvu < 0.5 and report.mean_l0 <= 32
+    report = built.sae.metadata["train"]  # the SAE this build trained
+    assert report["fvu"] < 0.5 and report["mean_l0"] <= 32
+    assert built.sae_versions[0]["train"] == report and built.sae_versions[0]["started_from"] == "scratch"
     results = loaded.batch_search(queries, k=100)
     run = {qid: {} for qid in queries}
     for qid, hits in results.items():
