@@ -397,12 +397,14 @@ def test_an_index_describes_its_latents_at_build_and_labels_its_hits(described, 
     card = max(catalog, key=lambda c: c.tokens)
     assert main(["latents", str(tmp_path / "idx"), "--id", str(card.latent)]) == 0
     assert card.label in capsys.readouterr().out
+    fresh = Index.load(tmp_path / "idx", llm=tiny_llm)
+    fresh._catalog, fresh._catalog_loaded = catalog, True
     with open(tmp_path / "idx" / "sae" / "v1" / "latents.json", "a", encoding="utf-8") as handle:
         handle.write(" ")
     assert main(["latents", str(tmp_path / "idx")]) == 2
     assert "latents.json: checksum mismatch" in capsys.readouterr().err
-    fresh = Index.load(tmp_path / "idx", llm=tiny_llm)
-    fresh._catalog, fresh._catalog_loaded = catalog, True  # as before the damage
+    with pytest.raises(IndexFolderError, match=r"latents\.json: checksum mismatch"):
+        Index.load(tmp_path / "idx", llm=tiny_llm)
     fresh.save(tmp_path / "again")
     record = fresh.retrain(epochs=1)
     assert record["latents"] is not None and fresh.catalog is not None
