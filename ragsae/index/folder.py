@@ -41,7 +41,7 @@ from ..retrieval.scoring import CorpusStatistics
 from ..sae import SparseAutoencoder, load_sae
 from ..storage import file_sha256, json_checksum, read_versioned_json, recover_folder, write_json_atomic
 from ..text import Audit
-from .segment import Segment, read_segment
+from .segment import Segment, read_segment, verify_file
 
 T = TypeVar("T")
 
@@ -91,6 +91,11 @@ def sae_files(root: Path, folder: str) -> dict[str, str]:
     return {name: file_sha256(root / folder / name) for name in SAE_FILES}
 
 
+def current_sae_version(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's record of the SAE version the index uses (`read_manifest` checked it exists)."""
+    return next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+
+
 def write_catalog(root: Path, folder: str, catalog: LatentCatalog | None) -> dict[str, str] | None:
     """Write an SAE version's latent catalog into its folder; the manifest's record of it (None: none)."""
     if catalog is None:
@@ -103,15 +108,12 @@ def load_catalog(path: str | Path, num_latents: int, manifest: dict[str, Any] | 
     """The current SAE version's latent catalog, checked against the manifest; None when it has none."""
     path = Path(path)
     manifest = manifest or read_manifest(path)
-    current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+    current = current_sae_version(manifest)
     record = current.get("latents")
     if record is None:
         return None
     file = path / record["file"]
-    if not file.is_file():
-        raise IndexFolderError(f"{file}: missing")
-    if file_sha256(file) != record["sha256"]:
-        raise IndexFolderError(f"{file}: checksum mismatch with the manifest (corrupted or edited)")
+    verify_file(file, record["sha256"])
     return LatentCatalog.load(file.parent, num_latents)
 
 
@@ -361,20 +363,13 @@ def read_contents(path: Path, manifest: dict[str, Any]) -> IndexContents:
         raise IndexFolderError(f"{manifest_path}: field 'config': {error}") from None
     if config.capture.layer != manifest["layer"]:
         raise IndexFolderError(f"{manifest_path}: 'layer' disagrees with 'config.capture.layer'")
-    current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+    current = current_sae_version(manifest)
     sae_folder = path / current["folder"]
     for name, digest in current["files"].items():
-        if not (sae_folder / name).is_file():
-            raise IndexFolderError(f"{sae_folder / name}: missing")
-        if file_sha256(sae_folder / name) != digest:
-            raise IndexFolderError(f"{sae_folder / name}: checksum mismatch with the manifest (corrupted or edited)")
+        verify_file(sae_folder / name, digest)
     latents = current.get("latents")
     if latents is not None:  # read on first use (`Index.catalog`), checked now like every file
-        file = path / latents["file"]
-        if not file.is_file():
-            raise IndexFolderError(f"{file}: missing")
-        if file_sha256(file) != latents["sha256"]:
-            raise IndexFolderError(f"{file}: checksum mismatch with the manifest (corrupted or edited)")
+        verify_file(path / latents["file"], latents["sha256"])
     try:
         sae = load_sae(sae_folder)  # verifies the weights against its own header
     except SaeLoadError as error:
@@ -403,10 +398,7 @@ def read_history(root: Path, record: dict[str, Any] | None) -> list[dict[str, An
     if record is None:
         return []
     path = root / record["file"]
-    if not path.is_file():
-        raise IndexFolderError(f"{path}: missing")
-    if file_sha256(path) != record["sha256"]:
-        raise IndexFolderError(f"{path}: checksum mismatch with the manifest (corrupted or edited)")
+    verify_file(path, record["sha256"])
     reports = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:

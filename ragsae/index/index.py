@@ -55,6 +55,7 @@ from .folder import (
     build_manifest,
     check_writable,
     collect_garbage,
+    current_sae_version,
     is_index_folder,
     load_catalog,
     next_segment_number,
@@ -187,7 +188,7 @@ class Index:
     def latent_catalog(path: str | Path) -> LatentCatalog:
         """The latent catalog of an index folder, checked against its manifest (the LLM is not loaded)."""
         manifest = read_manifest(path)
-        current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+        current = current_sae_version(manifest)
         catalog = load_catalog(path, current["num_latents"], manifest)
         if catalog is None:
             raise IndexFolderError(f"{path}: has no latent catalog (built with describe_latents=False); rebuild it")
@@ -255,7 +256,7 @@ class Index:
     def current_sae_folder(path: str | Path) -> Path:
         """The folder of an index's current SAE version."""
         manifest = read_manifest(path)
-        current = next(v for v in manifest["sae"]["versions"] if v["version"] == manifest["sae"]["current"])
+        current = current_sae_version(manifest)
         return Path(path) / current["folder"]
 
     # --- segments in memory ------------------------------------------------------------------

@@ -120,16 +120,20 @@ def write_deletes(path: Path, deleted: np.ndarray) -> dict[str, Any]:
     return {"sha256": file_sha256(path), "count": int(len(rows))}
 
 
+def verify_file(path: Path, digest: str) -> None:
+    """IndexFolderError unless file `path` exists and has the SHA-256 the manifest gives it."""
+    if not path.is_file():
+        raise IndexFolderError(f"{path}: missing")
+    if file_sha256(path) != digest:
+        raise IndexFolderError(f"{path}: checksum mismatch with the manifest (corrupted or edited)")
+
+
 def read_segment(root: Path, record: dict[str, Any], num_latents: int, d_model: int) -> Segment:
     """A segment as its manifest `record` describes it, every file checked against its checksum, and
     shapes and values against each other. Nothing is unpickled."""
     folder = root / record["name"]
     for name, digest in record["files"].items():
-        file = folder / name
-        if not file.is_file():
-            raise IndexFolderError(f"{file}: missing")
-        if file_sha256(file) != digest:
-            raise IndexFolderError(f"{file}: checksum mismatch with the manifest (corrupted or edited)")
+        verify_file(folder / name, digest)
     codes = load_compact_csr(folder / CODES_FILE, IndexFolderError)
     dropped = load_pattern(folder / DROPPED_FILE)
     lengths = load_array(folder / LENGTHS_FILE)
@@ -176,10 +180,7 @@ def read_segment(root: Path, record: dict[str, Any], num_latents: int, d_model: 
 def read_deletes(root: Path, record: dict[str, Any], rows: int) -> np.ndarray:
     """Deleted rows of a segment of `rows` rows, checked against the manifest's record."""
     path = root / record["file"]
-    if not path.is_file():
-        raise IndexFolderError(f"{path}: missing")
-    if file_sha256(path) != record["sha256"]:
-        raise IndexFolderError(f"{path}: checksum mismatch with the manifest (corrupted or edited)")
+    verify_file(path, record["sha256"])
     deleted = load_array(path)
     if deleted.ndim != 1 or len(deleted) != record["count"] or deleted.dtype.kind not in "iu":
         raise IndexFolderError(f"{path}: expected {record['count']} row numbers")
