@@ -583,6 +583,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_latent_parsers(sub, open_index, open_catalog)
 
+    from .service.cli import add_serve_parser  # needs FastAPI only when run
+
+    add_serve_parser(sub)
+
     p = sub.add_parser(
         "bench",
         help="benchmark ragsae against BM25 and dense retrieval on a BEIR collection",

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -156,3 +157,31 @@ def load_benchmark_script(name: str, folder: str = "benchmarks"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def chromium_binary() -> str | None:
+    """$RAGSAE_CHROMIUM, else the first Chromium on PATH."""
+    given = os.environ.get("RAGSAE_CHROMIUM")
+    if given:
+        return given if os.access(given, os.X_OK) else None
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by playwright; the test is skipped, saying why, without either."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests drive Chromium with playwright")
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip(
+            "no Chromium binary found (looked for $RAGSAE_CHROMIUM and " + ", ".join(CHROMIUM_NAMES) + " on PATH); "
+            "install one with scripts/install_browser.sh"
+        )
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start.
+        chromium = playwright.chromium.launch(executable_path=binary, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()

@@ -133,36 +133,42 @@ def capture(
 
         return hook
 
-    handles = [
-        (llm.model.get_input_embeddings() if layer == 0 else blocks[layer - 1]).register_forward_hook(make_hook(layer))
-        for layer in set(layers)
-    ]
+    def hooked_forward(input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        # Hooks only around this forward: the trunk path leaves the shared model untouched, so that
+        # another thread may generate with it meanwhile.
+        handles = [
+            (llm.model.get_input_embeddings() if layer == 0 else blocks[layer - 1]).register_forward_hook(
+                make_hook(layer)
+            )
+            for layer in set(layers)
+        ]
+        try:
+            llm.model(input_ids=input_ids.to(llm.device), attention_mask=mask.to(llm.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
     order = np.argsort(-lengths, kind="stable")
     pad = llm.tokenizer.pad_token_id
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=f"capture L{layers}", disable=not progress):
-            batch = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for start in tqdm(range(0, len(order), batch_size), desc=f"capture L{layers}", disable=not progress):
+        batch = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        if trunk is not None and trunk.accepts(width):
+            grabbed.update(trunk(input_ids.to(llm.device), layers))
+        else:
+            hooked_forward(input_ids, mask)
+        for layer in layers:
+            hidden = grabbed[layer].float().cpu().numpy()
             for row, i in enumerate(batch):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            if trunk is not None and trunk.accepts(width):
-                grabbed.update(trunk(input_ids.to(llm.device), layers))
-            else:
-                try:
-                    llm.model(input_ids=input_ids.to(llm.device), attention_mask=mask.to(llm.device), use_cache=False)
-                except _StopForward:
-                    pass
-            for layer in layers:
-                hidden = grabbed[layer].float().cpu().numpy()
-                for row, i in enumerate(batch):
-                    rows = hidden[row, skip : skip + fed[i]]
-                    out[layer][offsets[i] : offsets[i + 1]] = rows if masks[i] is None else rows[masks[i]]
-    finally:
-        for handle in handles:
-            handle.remove()
+                rows = hidden[row, skip : skip + fed[i]]
+                out[layer][offsets[i] : offsets[i + 1]] = rows if masks[i] is None else rows[masks[i]]
     for layer, values in out.items():
         if not np.isfinite(values).all():
             raise ModelError(f"layer {layer} activations overflow float16 storage (try dtype float32 or another layer)")
