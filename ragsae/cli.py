@@ -389,7 +389,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     pooled = CodeEncoder(llm, sae.to(llm.device).eval(), config.capture, config.scoring.pooling).pool_activations(acts)
     sae.metadata["reference"] = CorpusStatistics.of(storage_precision(pooled.codes), pooled.lengths).to_json()
     sae.save(args.output)
-    print(json.dumps(report.to_json(), indent=2))
+    print(json.dumps({**report.to_json(), "heldout": sae.metadata.get("fidelity")}, indent=2))
     return 0
 
 

@@ -218,10 +218,15 @@ class SaeConfig:
     """Upper bound on training tokens (a uniform sample is taken above it)."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
+    heldout_passages: int = 32
+    """Passages kept out of training to measure the SAE's fidelity on (FVU, L0, loss recovered); at most
+    one in 50, none below 50 passages; 0 turns it off."""
 
     def __post_init__(self) -> None:
         check_types(self)
         check_numbers(self)
+        if self.heldout_passages < 0:
+            raise ConfigError(f"heldout_passages must be >= 0, got {self.heldout_passages}")
         if self.num_latents < 1 or not 0 < self.k <= self.num_latents:
             raise ConfigError(f"need 0 < k <= num_latents, got k={self.k}, num_latents={self.num_latents}")
         if self.epochs < 1 or self.batch_size < 1:

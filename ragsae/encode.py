@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,7 +17,8 @@ from .capture import ActivationCache, TokenActivations, capture, capture_cached
 from .config import CaptureConfig, SaeConfig
 from .errors import SaeLoadError
 from .lm import LoadedLlm
-from .sae import SparseAutoencoder, TrainReport, train_sae
+from .sae import SparseAutoencoder, TrainReport, evaluate_sae, train_sae
+from .sae.fidelity import heldout_rows, loss_recovered, spliced_losses
 from .text import STOPWORD_LISTS, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -118,8 +120,16 @@ def fit_sae(
 ) -> tuple[SparseAutoencoder, TrainReport]:
     """Train an SAE on passage activations (from `passage_activations` of `texts`), or continue training
     `start_from`, and record in its metadata what it was trained on, so that a later build can refuse
-    activations unlike them."""
-    sae, report = train_sae(acts.values, config, llm.device, progress, start_from)
+    activations unlike them, and its fidelity on the passages held out of training
+    (`SaeConfig.heldout_passages`)."""
+    held = heldout_rows(len(texts), config.heldout_passages, config.seed)
+    training = acts.values
+    if len(held):
+        keep = np.ones(len(acts.values), dtype=bool)
+        for row in held:
+            keep[acts.offsets[row] : acts.offsets[row + 1]] = False
+        training = acts.values[keep]
+    sae, report = train_sae(training, config, llm.device, progress, start_from)
     sae.metadata.update(
         llm_id=llm.model_id,
         llm_hash=llm.model_hash,
@@ -128,9 +138,36 @@ def fit_sae(
         window=capture.window,
         passage_prefix=capture.passage_prefix,
         train_fingerprint=fingerprint(texts),
-        train_passages=len(texts),
+        train_passages=len(texts) - len(held),
     )
+    if len(held):
+        sae.metadata["fidelity"] = heldout_fidelity(llm, sae, texts, acts, held, capture)
     return sae, report
+
+
+def heldout_fidelity(
+    llm: LoadedLlm,
+    sae: SparseAutoencoder,
+    texts: list[str],
+    acts: TokenActivations,
+    held: np.ndarray,
+    capture: CaptureConfig,
+) -> dict[str, Any]:
+    """FVU, L0 and the LM's loss with the SAE spliced in, on the held-out passages `held` (rows of `texts`)."""
+    rows = np.concatenate([np.arange(acts.offsets[r], acts.offsets[r + 1]) for r in held])
+    quality = evaluate_sae(sae, np.asarray(acts.values[rows], dtype=np.float32), llm.device)
+    losses = spliced_losses(llm, sae.to(llm.device), [texts[r] for r in held], capture)
+    sae.cpu()
+    return {
+        "passages": len(held),
+        "tokens": int(len(rows)),
+        "fvu": quality["fvu"],
+        "mean_l0": quality["mean_l0"],
+        "loss_clean": losses["clean"],
+        "loss_sae": losses["sae"],
+        "loss_zero": losses["zero"],
+        "loss_recovered": loss_recovered(losses),
+    }
 
 
 def check_sae_matches(sae: SparseAutoencoder, llm: LoadedLlm, capture: CaptureConfig, source: str) -> None:

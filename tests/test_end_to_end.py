@@ -27,6 +27,12 @@ def test_real_model_retrieves_judged_passages(real_index):
     report = built.sae.metadata["train"]  # the SAE this build trained
     assert report["fvu"] < 0.5 and report["mean_l0"] <= 32
     assert built.sae_versions[0]["train"] == report and built.sae_versions[0]["started_from"] == "scratch"
+    # Fidelity on the 6 passages (one in 50) kept out of training: splicing the SAE into layer 8 must
+    # cost the LM far less than zeroing the layer does.
+    fidelity = built.sae.metadata["fidelity"]
+    assert fidelity == built.sae_versions[0]["fidelity"] and fidelity["passages"] == 6
+    assert fidelity["loss_clean"] < fidelity["loss_sae"] < fidelity["loss_zero"]
+    assert 0.5 < fidelity["loss_recovered"] <= 1 and fidelity["fvu"] < 0.6, fidelity
     results = loaded.batch_search(queries, k=100)
     run = {qid: {} for qid in queries}
     for qid, hits in results.items():

@@ -164,6 +164,8 @@ def run_ragsae(
             "fvu": train.get("fvu"),
             "mean_l0": train.get("mean_l0"),
             "dead_fraction": train.get("dead_fraction"),
+            "dense_fraction": train.get("dense_fraction"),
+            "heldout": sae.metadata.get("fidelity"),
             "train_seconds": train.get("seconds"),
             "train_tokens": train.get("tokens"),
         },

@@ -866,7 +866,7 @@ class Index:
                 "architecture": self.sae.config.architecture,
                 "num_latents": self.sae.num_latents,
                 "k": self.sae.config.k,
-                **({"train": self.sae.metadata["train"]} if "train" in self.sae.metadata else {}),
+                **{key: self.sae.metadata[key] for key in ("train", "fidelity") if key in self.sae.metadata},
             },
             "sae_versions": [
                 {key: v.get(key) for key in ("version", "parent", "started_from", "created", "passages", "comparison")}
@@ -944,6 +944,7 @@ def version_record(
         "started_from": started_from,
         "passages": passages,
         "train": sae.metadata.get("train"),
+        "fidelity": sae.metadata.get("fidelity"),
     }
 
 

@@ -29,6 +29,7 @@ class TrainReport:
     tokens: int
     seconds: float
     losses: list[float] = field(default_factory=list, repr=False)
+    dense_fraction: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
@@ -136,7 +137,14 @@ def train_sae(
     sae.eval()
     stats = evaluate_sae(sae, data, device)
     report = TrainReport(
-        stats["fvu"], stats["mean_l0"], stats["dead_fraction"], total, n * config.epochs, seconds, losses
+        stats["fvu"],
+        stats["mean_l0"],
+        stats["dead_fraction"],
+        total,
+        n * config.epochs,
+        seconds,
+        losses,
+        stats["dense_fraction"],
     )
     sae.metadata["train"] = report.to_json()
     return sae.cpu(), report
