@@ -122,6 +122,17 @@ def test_no_planted_value_is_anywhere_in_the_index(fixture, request, tiny_llm):
     assert all(text_leaks(p.text) == [] for p in reloaded.passages)
 
 
+def test_the_activation_cache_holds_no_planted_value(tiny_llm, tiny_llm_dir, tmp_path):
+    cache = tmp_path / "cache"
+    config = sanitized_config(tiny_llm_dir, mode="redact")
+    index = Index.build(DOCUMENTS, tmp_path / "idx", config, llm=tiny_llm, cache_dir=cache)
+    cached = [p for p in cache.rglob("*") if p.is_file()]
+    assert cached, "the build wrote no activation cache"
+    assert leaks(cache) == [] and leaks(tmp_path / "idx") == []
+    index.add([{"_id": "late", "text": f"Late mail for {EMAIL} and key {AWS_KEY}."}])  # add captures too
+    assert leaks(cache) == [] and leaks(tmp_path / "idx") == []
+
+
 def test_the_audit_counts_each_type_and_is_in_the_manifest(redacted, hashed):
     for index, folder in (redacted, hashed):
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
