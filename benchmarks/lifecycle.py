@@ -46,6 +46,7 @@ from ragsae.bench.runner import cached_sae
 from ragsae.capture import ActivationCache
 from ragsae.encode import passage_activations
 from ragsae.provenance import command_line, git_commit, library_versions, machine
+from ragsae.sae import load_sae
 from ragsae.storage import write_json_atomic, write_text_atomic
 from ragsae.text import Document, split_passages
 
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="benchmarks/.cache", help="where `ragsae bench` caches SAEs")
     parser.add_argument("--output-dir", default="benchmarks/results/lifecycle")
     parser.add_argument(
+        "--sae", help="reuse this SAE (its folder, or an index folder's current SAE) instead of the cached one"
+    )
+    parser.add_argument(
         "--build-only", action="store_true", help="only step 1 (build against MiniLM), written to its own files"
     )
     args = parser.parse_args()
@@ -132,7 +136,10 @@ def main() -> None:
     texts = [p.text for p in passages]
     cache = Path(args.cache_dir)
     acts = passage_activations(llm, texts, config.capture, ActivationCache(cache / "activations"), progress=True)
-    sae = cached_sae(llm, texts, acts, config.capture, config.sae, cache, True)
+    if args.sae:
+        sae = load_sae(Index.current_sae_folder(args.sae) if (Path(args.sae) / "manifest.json").is_file() else args.sae)
+    else:
+        sae = cached_sae(llm, texts, acts, config.capture, config.sae, cache, True)
     del acts
     result: dict[str, Any] = {
         "dataset": dataset.name,

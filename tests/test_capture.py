@@ -1,5 +1,8 @@
+import json
+
 import numpy as np
 import pytest
+from conftest import shared_collection
 
 from ragsae.capture import ActivationCache, activations_id, capture, capture_cached
 
@@ -107,3 +110,21 @@ def test_stopwords_are_fed_but_not_captured(tiny_llm):
     kept = [i for i, w in enumerate(words) if w not in ENGLISH]
     assert content.lengths().tolist() == [len(kept)] and len(kept) < len(words)
     np.testing.assert_allclose(content.values.astype(np.float32), full.values[kept].astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_real_model_passage_activations_do_not_depend_on_the_batch():
+    """The bundled SmolLM2 in bfloat16: passages captured in one go and in three parts give the same
+    activations bit for bit (without batch invariance, 364 of 600 msmarco passages differed), so an index
+    grown by adds encodes its passages as one built in one go."""
+    from ragsae.config import CaptureConfig
+    from ragsae.encode import passage_activations
+    from ragsae.lm.loading import load_llm
+
+    llm = load_llm()
+    with open(shared_collection("msmarco-5k") / "corpus.jsonl") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(60)]
+    config = CaptureConfig()
+    whole = passage_activations(llm, texts, config).values
+    parts = [passage_activations(llm, texts[a:b], config).values for a, b in ((0, 7), (7, 31), (31, 60))]
+    assert np.array_equal(whole, np.concatenate(parts))

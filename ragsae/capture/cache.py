@@ -19,6 +19,10 @@ from .forward import TokenActivations, capture
 logger = logging.getLogger(__name__)
 
 
+CAPTURE_SCHEME = "2"
+"""Bumped when captured values change for the same model and texts (2: passages batch-invariant)."""
+
+
 def activations_id(
     llm: LoadedLlm,
     layer: int,
@@ -29,7 +33,7 @@ def activations_id(
 ) -> str:
     """Identity of captured activations: the model's weights and compute dtype, layer, window, prefix,
     texts and the stopwords left out. Keys the activation cache and, with the SAE config, trained SAEs."""
-    parts = [llm.activation_key, str(layer), str(window)]
+    parts = [llm.activation_key, CAPTURE_SCHEME, str(layer), str(window)]
     if prefix:
         parts.append(prefix)
     fingerprint = texts_fingerprint + ("|stop:" + ",".join(sorted(stopwords)) if stopwords else "")
@@ -85,6 +89,7 @@ def capture_cached(
     progress: bool = False,
     stopwords: frozenset[str] = frozenset(),
     refresh: bool = False,
+    batch_invariant: bool = False,
 ) -> dict[int, TokenActivations]:
     """`capture`, reading and writing `cache` (if given) per layer; `refresh` captures again even
     what is cached. Entries written here carry the capture's timing (`ActivationCache.timing`)."""
@@ -102,7 +107,7 @@ def capture_cached(
     missing = [layer for layer in layers if layer not in found]
     if missing:
         start = time.perf_counter()
-        fresh = capture(llm, texts, missing, window, batch_size, prefix, progress, stopwords)
+        fresh = capture(llm, texts, missing, window, batch_size, prefix, progress, stopwords, batch_invariant)
         timing = {"seconds": time.perf_counter() - start, "device": str(llm.device), "layers": missing}
         if cache is not None:
             for layer, acts in fresh.items():

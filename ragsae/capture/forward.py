@@ -87,6 +87,26 @@ def content_mask(text: str, spans: list[tuple[int, int]], stopwords: frozenset[s
     return keep if keep.any() else np.ones(len(spans), dtype=bool)
 
 
+INVARIANT_ROWS = 128
+"""Token rows per weight product in a batch-invariant capture (blocks padded with zeros to this size)."""
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Texts in batches of `batch_size`, longest first (the least padding for a fixed batch size)."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def same_length_batches(ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
+    """Texts in batches of equal token length (no padding), longest first, input order within a length."""
+    widths = np.array([len(x) for x in ids])
+    batches = []
+    for width in sorted(set(widths.tolist()), reverse=True):
+        rows = np.flatnonzero(widths == width)
+        batches += [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    return batches
+
+
 @torch.inference_mode()
 def capture(
     llm: LoadedLlm,
@@ -97,13 +117,17 @@ def capture(
     prefix: str = "",
     progress: bool = False,
     stopwords: frozenset[str] = frozenset(),
+    batch_invariant: bool = False,
 ) -> dict[int, TokenActivations]:
     """Residual-stream activations at each of `layers` for every token of every text.
 
     Only blocks up to max(layers) run: as plain tensor operations for Llama-family models
     (`lm/trunk.py`), otherwise through the model's forward with hooks. Texts are batched by length
     (deterministic order), results come back in input order. Tokens of `stopwords` are fed but not
-    returned.
+    returned. With `batch_invariant`, a text's activations do not depend on the other texts: texts of
+    equal token length share a batch (no padding) and the trunk's weight products run on fixed blocks
+    of `INVARIANT_ROWS` token rows (`lm.linear.in_fixed_row_blocks`); passages are captured so, for an
+    index grown by adds to equal one built in one go.
     """
     for layer in layers:
         check_layer(llm, layer)
@@ -150,10 +174,10 @@ def capture(
             for handle in handles:
                 handle.remove()
 
-    order = np.argsort(-lengths, kind="stable")
     pad = llm.tokenizer.pad_token_id
-    for start in tqdm(range(0, len(order), batch_size), desc=f"capture L{layers}", disable=not progress):
-        batch = order[start : start + batch_size]
+    batches = same_length_batches(ids, batch_size) if batch_invariant else length_sorted_batches(lengths, batch_size)
+    product_rows = INVARIANT_ROWS if batch_invariant else None
+    for batch in tqdm(batches, desc=f"capture L{layers}", disable=not progress):
         width = max(len(ids[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -161,7 +185,7 @@ def capture(
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
         if trunk is not None and trunk.accepts(width):
-            grabbed.update(trunk(input_ids.to(llm.device), layers))
+            grabbed.update(trunk(input_ids.to(llm.device), layers, product_rows))
         else:
             hooked_forward(input_ids, mask)
         for layer in layers:

@@ -10,6 +10,8 @@ left unpacked where they differ, where the op is missing, or off CPU / bfloat16.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +61,19 @@ class Linear:
             return _packed_product(x, self.packed, self.bias)
         assert self.weight is not None  # dropped only where packed
         return F.linear(x, self.weight, self.bias)
+
+
+def in_fixed_row_blocks(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`product(x)` computed on blocks of exactly `rows` rows of x (..., in), the last one zero-padded.
+
+    oneDNN chooses its bfloat16 kernel, and with it the order in which a row's products are summed, by
+    the number of rows: a row's result then depends on how many rows share the call. With every call
+    of one size it depends on the row alone, so a passage's activations do not depend on which others
+    were captured with it (an index grown by adds then equals one built in one go).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    if n % rows:
+        flat = torch.cat([flat, flat.new_zeros(rows - n % rows, flat.shape[1])])
+    out = torch.cat([product(flat[start : start + rows]) for start in range(0, flat.shape[0], rows)])
+    return out[:n].reshape(*x.shape[:-1], out.shape[-1])

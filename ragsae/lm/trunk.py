@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .linear import Linear
+from .linear import Linear, in_fixed_row_blocks
 
 # Architectures whose decoder block is Llama's: pre-norm RMSNorm, RoPE attention with grouped KV
 # heads and a gated SiLU MLP, residual adds. Qwen2's q/k/v biases are handled below, and Mistral's
@@ -52,10 +52,14 @@ class _Projection:
         bias = torch.cat(biases) if biases[0] is not None else None
         return cls((Linear(torch.cat(weights), bias, pack=pack, keep_weight=False),), widths)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, rows: int | None = None) -> list[torch.Tensor]:
         if len(self.maps) == 1:
-            return list(self.maps[0](x).split(self.widths, dim=-1))
-        return [linear(x) for linear in self.maps]
+            return list(_product(self.maps[0], x, rows).split(self.widths, dim=-1))
+        return [_product(linear, x, rows) for linear in self.maps]
+
+
+def _product(linear: Linear, x: torch.Tensor, rows: int | None) -> torch.Tensor:
+    return linear(x) if rows is None else in_fixed_row_blocks(linear, x, rows)
 
 
 @dataclass
@@ -167,9 +171,13 @@ class LlamaTrunk:
         return self.max_length is None or length <= self.max_length
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, layers: list[int], product_rows: int | None = None
+    ) -> dict[int, torch.Tensor]:
         """(batch, tokens, d_model) activations after each of `layers` (0 = embeddings, at most
-        `self.layer`) for right-padded `input_ids` (batch, tokens)."""
+        `self.layer`) for right-padded `input_ids` (batch, tokens). With `product_rows`, every weight
+        product runs on blocks of that many token rows, so that a row's result does not depend on the
+        batch (`linear.in_fixed_row_blocks`)."""
         if not layers or any(not 0 <= layer <= self.layer for layer in layers):
             raise ValueError(f"layers {layers} outside 0..{self.layer}")
         batch, length = input_ids.shape
@@ -192,17 +200,17 @@ class LlamaTrunk:
         q_width = self.heads * self.head_dim
         for number, block in enumerate(self.blocks[: max(layers)], 1):
             h = self._rms_norm(x, block.norm1, block.eps1)
-            q, k, v = block.qkv(h)
+            q, k, v = block.qkv(h, product_rows)
             q = rope(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2))
             k = rope(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2))
             v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             attended = F.scaled_dot_product_attention(
                 q, k, v, is_causal=length > 1, scale=self.scale, enable_gqa=self.kv_heads != self.heads
             )
-            x = x + block.out(attended.transpose(1, 2).reshape(batch, length, q_width))
+            x = x + _product(block.out, attended.transpose(1, 2).reshape(batch, length, q_width), product_rows)
             h = self._rms_norm(x, block.norm2, block.eps2)
-            gate, up = block.gate_up(h)
-            x = x + block.down(F.silu(gate) * up)
+            gate, up = block.gate_up(h, product_rows)
+            x = x + _product(block.down, F.silu(gate) * up, product_rows)
             if number in layers:
                 out[number] = x
         return out
