@@ -15,6 +15,7 @@ from .errors import (
 from .generate import RAG, Answer
 from .index import Hit, Index
 from .lm import load_llm
+from .routing import Collections, Profile
 from .sae import SparseAutoencoder, TopK, create_sae, load_sae, train_sae
 from .text import Document, Passage, load_documents
 
@@ -23,6 +24,7 @@ __all__ = [
     "Answer",
     "BuildConfig",
     "CaptureConfig",
+    "Collections",
     "ConfigError",
     "CorpusError",
     "Document",
@@ -32,6 +34,7 @@ __all__ = [
     "LlmConfig",
     "ModelError",
     "Passage",
+    "Profile",
     "QueryError",
     "RagsaeError",
     "SaeConfig",

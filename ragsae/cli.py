@@ -1,4 +1,4 @@
-"""Command line: `ragsae {build,search,ask,info,verify,add,delete,compact,drift,retrain,train,demo,bench}`
+"""Command line: `ragsae {build,search,ask,info,verify,add,delete,compact,drift,retrain,export,train,demo,bench}`
 (also `python -m ragsae`).
 
 Each subcommand parses its arguments into the library's configs and calls one library function.
@@ -213,16 +213,60 @@ def cmd_build(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         overwrite=args.overwrite,
         progress=True,
+        backend=args.backend,
+        uri=args.uri,
     )
     print(json.dumps(index.info(), indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .index.export import export_index
+
+    summary = export_index(args.index, args.output, args.format, args.scale)
+    print(json.dumps(summary))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .index import Index
 
-    index = Index.load(args.index, mode=args.mode, device=args.device)
-    print_hits(index.search(args.query, args.k, per_doc=args.per_doc), args.json)
+    if args.indexes:  # --index A --index B "query": routed among the indexes
+        if len(args.words) != 1:
+            raise ConfigError(f"search: with --index, give only the query (got {len(args.words)} arguments)")
+        if args.profile:
+            raise ConfigError("--profile: a profile belongs to one index; search it with `ragsae search INDEX QUERY`")
+        return search_collections(args, args.words[0])
+    if len(args.words) != 2:
+        raise ConfigError(f"search: give an index folder and a query, or --index (got {len(args.words)} arguments)")
+    path, query = args.words
+    index = Index.load(path, mode=args.mode, device=args.device)
+    profile = None
+    if args.profile:
+        from .routing import Profile
+
+        profile = Profile.load(args.profile, index)
+    hits = index.search(query, args.k, per_doc=args.per_doc, profile=profile, weight=args.profile_weight)
+    print_hits(hits, args.json)
+    return 0
+
+
+def search_collections(args: argparse.Namespace, query: str) -> int:
+    """`ragsae search --index A --index B QUERY`: the routing scores, then the hits of the indexes chosen."""
+    from .routing import Collections
+
+    collections = Collections.load(args.indexes, mode=args.mode, device=args.device)
+    routed = collections.search(query, args.k, args.route, args.top_n, args.threshold, per_doc=args.per_doc)
+    if args.json:
+        print(json.dumps(routed.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    scores = ", ".join(f"{name} {score:.4f}" for name, score in routed.routing.items())
+    print(f"routing: {scores}")
+    if not routed.retrieved:
+        print(f"no index reaches the threshold {args.threshold}: nothing retrieved")
+    for hit in routed.hits:
+        snippet = " ".join(hit.text.split())[:160]
+        print(f"{hit.index}  {hit.rank:>3}. {hit.doc_id}  score={hit.score:.4f}\n     {snippet}")
     return 0
 
 
@@ -460,13 +504,63 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sae", help="reuse a trained SAE: its folder (from `ragsae train`) or an index folder (its current SAE)"
     )
+    p.add_argument(
+        "--backend",
+        choices=("csr", "milvus"),
+        default="csr",
+        help="serve the index from its segments in memory (csr: exact CSR scoring and FAISS) or also from a "
+        "Milvus collection kept in step with it (milvus; pip install 'ragsae[milvus]') (default: csr)",
+    )
+    p.add_argument(
+        "--uri",
+        help="with --backend milvus: a Milvus Lite file (path ending in .db) or a server (http://host:19530; "
+        "credentials from $RAGSAE_MILVUS_TOKEN) (default: milvus.db inside the index folder)",
+    )
     add_build_args(p)
     add_sanitize_args(p)
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("search", help="top passages for a query, with contributing latents")
-    p.add_argument("index", help="index folder")
-    p.add_argument("query")
+    from .routing import ROUTES
+
+    p = sub.add_parser(
+        "search",
+        help="top passages for a query, with contributing latents",
+        usage="ragsae search [options] INDEX QUERY | ragsae search [options] --index INDEX [--index INDEX ...] QUERY",
+        description="Search one index, or route the query among several (--index, repeated): it is captured once, "
+        "scored against each index's latent signature, and searched in the indexes chosen by --route.",
+    )
+    p.add_argument(
+        "words", nargs="+", metavar="[INDEX] QUERY", help="index folder and query; only the query with --index"
+    )
+    p.add_argument(
+        "--index",
+        dest="indexes",
+        action="append",
+        metavar="INDEX",
+        help="an index folder to route among; repeat it (the indexes must share the LLM and query capture)",
+    )
+    p.add_argument(
+        "--route",
+        choices=ROUTES,
+        default="best",
+        help="with --index: the best index, the --top-n best, or all of "
+        "those whose routing score reaches --threshold (default: best)",
+    )
+    p.add_argument("--top-n", type=int, default=2, help="with --route top-n: how many indexes (default: 2)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        help="with --index: search no index whose routing score (cosine with its signature, 0..1) is below this "
+        "(default: 0, every index may be searched)",
+    )
+    p.add_argument("--profile", metavar="FILE", help="re-weight the query's latents by a user profile (Profile.save)")
+    p.add_argument(
+        "--profile-weight",
+        type=float,
+        default=1.0,
+        help="how much the profile re-weights (0: plain search; default: 1)",
+    )
     add_hits_arg(p, 10, "passages to return")
     p.add_argument("--mode", choices=SEARCH_MODES, help="override the index's scoring mode")
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
@@ -557,6 +651,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default: the current SAE's)")
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser(
+        "export",
+        help="write an index's stored latent weights for other engines (JSONL sparse vectors or CIFF)",
+        description="Write the stored BM25 latent weights of every live passage, without loading the LLM: JSONL "
+        '({"id", "doc_id", "vector": {"LATENT": weight}}, for rank_features or Qdrant sparse vectors) or CIFF '
+        "(latents as terms, weights quantised to integer tf = max(1, round(weight * SCALE))).",
+    )
+    p.add_argument("index", help="index folder")
+    p.add_argument("--format", choices=("jsonl", "ciff"), default="jsonl", help="output format (default: jsonl)")
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument(
+        "--scale", type=float, default=100.0, help="CIFF: term frequency per unit of stored weight (default: 100)"
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "train",

@@ -94,7 +94,8 @@ def passage_activations(
 ) -> TokenActivations:
     """Activations of passages at the capture layer: the passage prefix is fed to the LLM but left out.
 
-    The one capture of passages, for building an index and for training its SAE alike."""
+    The one capture of passages, for building an index and for training its SAE alike; batch-invariant
+    (`capture`), so that a passage's codes do not depend on the passages captured with it."""
     return capture_cached(
         llm,
         texts,
@@ -106,6 +107,7 @@ def passage_activations(
         capture.passage_prefix,
         progress,
         refresh=refresh,
+        batch_invariant=True,
     )[capture.layer]
 
 
@@ -243,11 +245,17 @@ class CodeEncoder:
         acts = passage_activations(self.llm, texts, self.capture, self.cache, progress)
         return self.pool_activations(acts, progress)
 
-    def encode_queries(self, texts: list[str], progress: bool = False) -> PooledCodes:
-        """Pooled codes of queries: the prefix and stopwords are fed to the LLM but left out of the codes.
-        Never cached: queries are few and each is new."""
+    def capture_queries(self, texts: list[str], progress: bool = False) -> TokenActivations:
+        """Activations of queries at the capture layer, as `encode_queries` encodes them: the prefix and
+        stopwords are fed to the LLM but left out. Any encoder over the same LLM and query capture can pool
+        them (`pool_activations`), so several indexes encode a query from one pass (`routing.Collections`)."""
         cfg = self.capture
         self.warn_if_cut(texts)
         stopwords = STOPWORD_LISTS[cfg.query_stopwords]
         acts = capture(self.llm, texts, [cfg.layer], cfg.window, cfg.batch_size, cfg.query_prefix, progress, stopwords)
-        return self.pool_activations(acts[cfg.layer], progress)
+        return acts[cfg.layer]
+
+    def encode_queries(self, texts: list[str], progress: bool = False) -> PooledCodes:
+        """Pooled codes of queries: the prefix and stopwords are fed to the LLM but left out of the codes.
+        Never cached: queries are few and each is new."""
+        return self.pool_activations(self.capture_queries(texts, progress), progress)

@@ -1,5 +1,5 @@
 """Retrieval-augmented answers: numbered passages in the prompt, the same LLM writes a cited answer,
-unless retrieval finds nothing that supports one."""
+unless retrieval finds nothing that supports one, or routing finds no index that covers the question."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import scipy.sparse as sp
 import torch
 
 from .errors import ConfigError, QueryError
 from .index import Hit, Index
+from .routing import Collections, check_route
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ SYSTEM_PROMPT = (
 )
 CITATION = re.compile(r"\[(\d+)\]")
 ABSTENTION = "The indexed passages do not answer this question."
+NOT_COVERED = "No index covers this question, so nothing was retrieved and nothing is cited."
 
 
 @dataclass
@@ -42,18 +45,29 @@ class Answer:
     `text` says so, nothing was generated and nothing is cited."""
     support: float | None = None
     """The question's support (`RAG.support`); None when abstention is off."""
+    retrieved: bool = True
+    """False when routing found no index whose signature the question matches above `RAG.threshold`:
+    then nothing was searched, `hits` is empty, `text` says that no index covers the question."""
+    routing: dict[str, float] | None = None
+    """Each index's routing score for the question (`Collections`); None when the RAG does not route."""
 
     def sources(self) -> list[Hit]:
         return [self.hits[n - 1] for n in self.citations]
 
     def format(self) -> str:
         """Answer followed by its numbered sources, for terminals."""
-        heading = "Sources:" if self.answered else "Closest passages, none cited:"
-        lines = [self.text.strip(), "", heading]
+        lines = [self.text.strip(), ""]
+        if self.routing is not None:
+            lines.append("Routing: " + ", ".join(f"{name} {score:.3f}" for name, score in self.routing.items()))
+        if not self.retrieved:
+            return "\n".join(lines).rstrip()
+        lines.append("Sources:" if self.answered else "Closest passages, none cited:")
         for number, hit in enumerate(self.hits, 1):
             mark = "*" if number in self.citations else " "
             snippet = " ".join(hit.text.split())[:100]
-            lines.append(f"{mark}[{number}] {hit.doc_id} (score {hit.score:.3f}): {snippet}...")
+            tag = getattr(hit, "index", "")  # the index a routed hit came from
+            source = f"{tag}:{hit.doc_id}" if tag else hit.doc_id
+            lines.append(f"{mark}[{number}] {source} (score {hit.score:.3f}): {snippet}...")
         return "\n".join(lines)
 
 
@@ -96,7 +110,8 @@ threshold measured on one index does not carry to every other (`benchmarks/absta
 
 
 class RAG:
-    """Retrieve from an `Index`, then let the index's LLM answer with citations.
+    """Retrieve from an `Index` (or the `Collections` a question is routed to), then let the index's LLM
+    answer with citations.
 
     The LLM reads the passages as the index stores them (`SanitizeConfig.store_text`: the sanitised
     text with 'redacted', the original text with 'full') and the question as the index encodes it
@@ -118,21 +133,37 @@ class RAG:
             off: support's scale depends on the index's SAE and corpus, so choose the threshold on
             questions about your own index, as `benchmarks/abstain.py` does for the benchmark
             collections.
+        route, route_n, threshold: with `Collections`, which indexes a question is searched in
+            (`Collections.search`'s `route`, `n`, `threshold`); when no index's routing score reaches
+            `threshold`, nothing is retrieved or generated and the answer says that no index covers the
+            question (`Answer.retrieved`). With one `Index`, a `threshold` above 0 routes over that index
+            alone: retrieve-or-not by its signature.
     """
 
     def __init__(
         self,
-        index: Index,
+        index: Index | Collections,
         k: int = 3,
         max_new_tokens: int = 96,
         max_passage_tokens: int = 200,
         lead_with_citation: bool = True,
         min_support: float = DEFAULT_MIN_SUPPORT,
+        route: str = "best",
+        route_n: int = 2,
+        threshold: float = 0.0,
     ):
         if k < 1:
             raise QueryError(f"k must be >= 1, got {k}")
         if not min_support >= 0:  # NaN too
             raise QueryError(f"min_support must be >= 0, got {min_support}")
+        check_route(route, route_n, threshold)
+        self.collections: Collections | None = None
+        """Where questions are routed; None: every question is searched in `index`."""
+        if isinstance(index, Collections):
+            self.collections, index = index, index.indexes[0]  # they share one LLM, which answers
+        elif threshold > 0:
+            self.collections = Collections([index])
+        self.route, self.route_n, self.threshold = route, route_n, threshold
         self.index = index
         self.k = k
         self.max_new_tokens = max_new_tokens
@@ -143,12 +174,15 @@ class RAG:
     @torch.inference_mode()
     def ask(self, question: str) -> Answer:
         """Answer `question` from the top-k passages, citing them as [1], [2], ..."""
-        hits, support = self._retrieve(question)
+        hits, support, routing, retrieved = self._retrieve(question)
+        if not retrieved:
+            return Answer(question, NOT_COVERED, [], [], answered=False, retrieved=False, routing=routing)
         if self._abstains(support):
-            return Answer(question, ABSTENTION, hits, [], answered=False, support=support)
+            return Answer(question, ABSTENTION, hits, [], answered=False, support=support, routing=routing)
         prompt, lead = self._prompt(question, hits)
         text = lead + self._generate(prompt + lead)
-        return Answer(question, text.strip(), hits, parse_citations(text, len(hits)), prompt, support=support)
+        citations = parse_citations(text, len(hits))
+        return Answer(question, text.strip(), hits, citations, prompt, support=support, routing=routing)
 
     @torch.inference_mode()
     def stream(self, question: str) -> Generator[str | Answer, None, None]:
@@ -157,10 +191,14 @@ class RAG:
 
         The pieces join to the answer's text before `Answer.text` strips it. Generation runs in a
         helper thread; closing the generator early stops it after the current token."""
-        hits, support = self._retrieve(question)
+        hits, support, routing, retrieved = self._retrieve(question)
+        if not retrieved:
+            yield NOT_COVERED
+            yield Answer(question, NOT_COVERED, [], [], answered=False, retrieved=False, routing=routing)
+            return
         if self._abstains(support):
             yield ABSTENTION
-            yield Answer(question, ABSTENTION, hits, [], answered=False, support=support)
+            yield Answer(question, ABSTENTION, hits, [], answered=False, support=support, routing=routing)
             return
         prompt, lead = self._prompt(question, hits)
         if lead:
@@ -174,20 +212,31 @@ class RAG:
         finally:
             generated.close()  # if this generator is closed early, stop generating now
         text = "".join(pieces)
-        yield Answer(question, text.strip(), hits, parse_citations(text, len(hits)), prompt, support=support)
+        citations = parse_citations(text, len(hits))
+        yield Answer(question, text.strip(), hits, citations, prompt, support=support, routing=routing)
 
-    def _retrieve(self, question: str) -> tuple[list[Hit], float | None]:
-        """The question's top-k hits and, when abstention is on, its support."""
+    def _retrieve(self, question: str) -> tuple[list[Hit], float | None, dict[str, float] | None, bool]:
+        """The question's top-k hits, its support when abstention is on, its routing scores when the RAG
+        routes, and whether anything was searched (not when no index covers the question)."""
         if not isinstance(question, str) or not question.strip():
             raise QueryError(f"question must be a non-empty string, got {question!r}")
-        if not self.index.stores_text:
+        indexes = self.collections.indexes if self.collections is not None else [self.index]
+        if not all(index.stores_text for index in indexes):
             raise ConfigError(
                 "store_text='none': this index keeps no passage text for the LLM to read, so RAG cannot answer "
                 "from it; search it instead and resolve each hit's passage id and offsets (Index.passage) "
                 "against your documents"
             )
-        hits = self.index.search(question, self.k)
-        return hits, self.support(question) if self.min_support > 0 else None
+        if self.collections is None:
+            hits = self.index.search(question, self.k)
+            return hits, self.support(question) if self.min_support > 0 else None, None, True
+        routed = self.collections.search(question, self.k, self.route, self.route_n, self.threshold)
+        if not routed.retrieved:
+            return [], None, routed.routing, False
+        support = None
+        if self.min_support > 0:  # the best support among the indexes searched, from the routing's codes
+            support = max(support_of(self.collections[name], routed.codes[name]) for name in routed.chosen)
+        return list(routed.hits), support, routed.routing, True
 
     def _abstains(self, support: float | None) -> bool:
         return support is not None and support < self.min_support
@@ -208,10 +257,7 @@ class RAG:
 
         Pseudo-relevance feedback is left out: its latents come from the passages found, so they
         match those passages whether or not the question is on their subject."""
-        retriever = self.index.retriever
-        weights = retriever.scaled(self.index.encode_queries([question]))
-        _, ids = retriever.sparse.search(weights, 1)
-        return float(retriever.support(weights, ids[:, 0])[0])
+        return support_of(self.index, self.index.encode_queries([question]))
 
     def _citation_lead(self, prompt: str, n_passages: int) -> str:
         """'According to passage [n]' with n the passage number the model scores highest."""
@@ -285,6 +331,15 @@ class RAG:
         finally:
             stop.set()
             worker.join()
+
+
+def support_of(index: Index, codes: sp.csr_matrix) -> float:
+    """`Retriever.support` of one question's pooled codes (1, num_latents) in `index` and the passage
+    they score highest (0 when none matches)."""
+    retriever = index.retriever
+    weights = retriever.scaled(codes)
+    _, ids = retriever.sparse.search(weights, 1)
+    return float(retriever.support(weights, ids[:, 0])[0])
 
 
 def _stream_hooks(tokens: queue.Queue, stop: threading.Event) -> tuple[Any, Any]:

@@ -30,6 +30,9 @@ FAISS_FILE = "faiss.index"
 SEGMENT_FILES = (CODES_FILE, DROPPED_FILE, LENGTHS_FILE, DOCIDS_FILE, PASSAGES_FILE, FAISS_FILE)
 """Every file of a segment folder, each with its SHA-256 in the manifest, all verified on load; the
 manifest itself carries a checksum of its own content (configs and the SAE versions included)."""
+MILVUS_LITE_FILE = "milvus.db"
+"""The Milvus Lite store of an index served by Milvus (`retrieval/backends/milvus.py`), inside its folder by
+default: a folder that changes in place, so not named in the manifest's file checks."""
 
 SAE_FORMAT_VERSION = 2
 SAE_READABLE_VERSIONS = (1, 2)

@@ -3,12 +3,14 @@
 A folder holds `manifest.json` (the commit point: format version, generation, LLM id and hash,
 layer, configs, SAE versions with their lineage, the segments with each file's SHA-256 and their
 tombstone files, counts, library versions, drift history file, sanitisation audit and salt
-fingerprint), `sae/vN/` (one folder per SAE version), `segments/NNNNNN/` (written once, never
-changed), `history/` and, for a hash-mode index without `salt_env`, `sanitize.salt` (owner-only,
-never named by the manifest, never replaced). A change writes new files under new names, then
-replaces the manifest (flushed to disk): a crash at any moment leaves the old manifest or the new
-one, each naming only complete files. Files no manifest names are removed after the commit and by
-the next writer (`collect_garbage`). File names and the format version are in `layout.py`.
+fingerprint, and for an index served by Milvus its `serving` record), `sae/vN/` (one folder per SAE
+version), `segments/NNNNNN/` (written once, never changed), `history/` and, for a hash-mode index
+without `salt_env`, `sanitize.salt` (owner-only, never named by the manifest, never replaced). The
+Milvus Lite store of a Milvus-served index (`milvus.db`) changes in place: no manifest checksum covers
+it. A change writes new files under new names, then replaces the manifest (flushed to disk): a crash
+at any moment leaves the old manifest or the new one, each naming only complete files. Files no
+manifest names are removed after the commit and by the next writer (`collect_garbage`). File names
+and the format version are in `layout.py`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..layout import (
     SEGMENT_FILES,
     SEGMENTS_DIR,
 )
+from ..retrieval.backends.milvus import check_record
 from ..retrieval.scoring import CorpusStatistics
 from ..sae import SparseAutoencoder, load_sae
 from ..storage import file_sha256, json_checksum, read_versioned_json, recover_folder, write_json_atomic
@@ -130,12 +133,15 @@ def build_manifest(
     library_versions: dict[str, str],
     sanitize_audit: dict[str, Any] | None = None,
     salt_fingerprint: str | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of an index whose files are all written; its checksum covers every field.
 
     `sanitize_audit` is what sanitisation replaced over every build and add (counts per entity type,
     never values; None when it is off), `salt_fingerprint` names the hash-mode salt without revealing
-    it (the salt itself is never in the manifest)."""
+    it (the salt itself is never in the manifest). `serving` names the Milvus collection that serves the
+    index (`retrieval/backends/milvus.py`; absent for an index served from its segments): it changes in
+    place, so no checksum of it is kept."""
     live = [p for s in segments for p in (s.passages[i] for i in s.live)]
     manifest: dict[str, Any] = {
         "format_version": INDEX_FORMAT_VERSION,
@@ -163,6 +169,8 @@ def build_manifest(
         "sanitize_audit": sanitize_audit,
         "salt_fingerprint": salt_fingerprint,
     }
+    if serving is not None:
+        manifest["serving"] = serving
     manifest["checksum"] = json_checksum(manifest)
     return manifest
 
@@ -254,6 +262,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
     for dotted, kind in (
         ("generation", int),
+        ("created", str),
         ("llm.model_id", str),
         ("llm.model_hash", str),
         ("layer", int),
@@ -318,6 +327,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     fingerprint = manifest.get("salt_fingerprint")
     if fingerprint is not None and not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{16}", fingerprint)):
         raise IndexFolderError(f"{manifest_path}: field 'salt_fingerprint' is not 16 hex digits")
+    if manifest.get("serving") is not None and (fault := check_record(manifest["serving"])) is not None:
+        raise IndexFolderError(f"{manifest_path}: field 'serving' {fault}")
     return manifest
 
 

@@ -9,6 +9,11 @@ With `BuildConfig.sanitize` on, documents are sanitised (`text/sanitize.py`) bef
 build, add, upsert and drift, and queries before they are encoded; the index keeps one `Sanitizer`, the
 hash-mode salt (from `salt_env`, or `layout.SALT_FILE` in its folder, never in the manifest) and the
 audit of every build and add.
+
+With `backend="milvus"` the live passages are also served from a Milvus collection
+(`retrieval/backends/milvus.py`), recorded in the manifest's `serving` record: filled at build, kept in
+step by every change after its commit, made anew by compact and retrain, checked (and filled again if
+out of step) by `load`. The segments stay the source of truth; searches fall back to them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ from ..layout import (
 from ..lm import LoadedLlm, load_llm
 from ..provenance import library_versions
 from ..retrieval import Retriever
+from ..retrieval.backends.milvus import (
+    MilvusBackend,
+    MilvusUnavailable,
+    fill,
+    moved_record,
+    next_collection,
+    release_lite,
+    resolve_uri,
+    serving_record,
+    uri_token,
+    view_records,
+)
 from ..retrieval.scoring import CorpusStatistics, prune_for_storage
 from ..sae import SparseAutoencoder, TrainReport
 from ..sae.compare import compare_saes
@@ -71,6 +88,10 @@ from .hit import Hit
 from .segment import Segment, write_deletes, write_segment
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("csr", "milvus")
+"""Where an index is served from: 'csr' (its segments in memory: exact CSR scoring and FAISS) or
+'milvus' (a Milvus collection filled from the segments, which stay the reference)."""
 
 
 def reference_of(sae: SparseAutoencoder) -> CorpusStatistics | None:
@@ -133,6 +154,13 @@ class Index:
         `salt_env`; never in the manifest."""
         self._sanitizer: Sanitizer | None = None
         self._sanitizer_lock = threading.Lock()
+        self.serving: dict[str, Any] | None = None
+        """The manifest's `serving` record (backend, uri, collection) of a Milvus-served index; None: served
+        from the segments alone."""
+        self.engine: MilvusBackend | None = None
+        """The connected Milvus collection, also set as the retriever's engine while in step."""
+        self._milvus_token = ""
+        """Credentials for the Milvus server (from the build uri or `$RAGSAE_MILVUS_TOKEN`), never saved."""
 
     @classmethod
     def from_codes(
@@ -221,6 +249,8 @@ class Index:
         overwrite: bool = False,
         progress: bool = False,
         describe_latents: bool = True,
+        backend: str = "csr",
+        uri: str | None = None,
     ) -> Index:
         """Split, capture, (train an SAE,) encode and index a corpus; saved to `path` when given.
 
@@ -231,8 +261,17 @@ class Index:
             cache_dir: where to cache captured activations (None: no cache).
             describe_latents: describe the SAE's latents on the corpus (labels, contexts: `latents/`),
                 for labelled hits, `explain`, `ragsae latents` and the atlas.
+            backend: 'csr' (the segments in memory) or 'milvus' (also a Milvus collection: `BACKENDS`).
+            uri: the Milvus to use: a Milvus Lite file ('file.db') or a server ('http://host:19530');
+                None: `milvus.db` inside the index folder. Credentials in the URL are used, never saved
+                (`$RAGSAE_MILVUS_TOKEN` gives them to later loads).
         """
         config = config or BuildConfig()
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "milvus" and uri is not None:
+            raise ConfigError("uri is for backend='milvus'")
+        serving = serving_record(uri, Path(path) if path is not None else None) if backend == "milvus" else None
         if path is not None:
             check_writable(path, overwrite, Path(corpus) if isinstance(corpus, (str, Path)) else None)
         if isinstance(sae, (str, Path)):
@@ -248,8 +287,14 @@ class Index:
             built.encoder, built.passages, built.pooled, built.config, built.sae_report, built.catalog
         )
         index._salt, index._sanitizer, index.sanitize_audit = salt, sanitizer, built.audit
+        index.serving, index._milvus_token = serving, uri_token(uri)
         if path is not None:
             index.save(path, overwrite=overwrite)
+        elif serving is not None:
+            try:
+                index._fill_serving(moved_record(serving, None), index.generation)
+            except MilvusUnavailable as error:
+                raise IndexFolderError(f"filling the Milvus collection failed: {error}") from None
         return index
 
     @staticmethod
@@ -347,19 +392,38 @@ class Index:
         """Pooled codes (n_queries, num_latents) of query texts, each sanitised first (`sanitize_query`)."""
         return self.encoder.encode_queries([self.sanitize_query(q) for q in queries]).codes
 
-    def search(self, query: str, k: int = 10, mode: str | None = None, per_doc: bool = False) -> list[Hit]:
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        mode: str | None = None,
+        per_doc: bool = False,
+        profile: Any = None,
+        weight: float = 1.0,
+    ) -> list[Hit]:
         """Top-k passages for one query, with scores, document ids and contributing latents;
-        `per_doc` keeps only each document's best passage (k documents)."""
-        return self.batch_search([query], k, mode, per_doc)["0"]
+        `per_doc` keeps only each document's best passage (k documents); `profile`, `weight` as in
+        `batch_search`."""
+        return self.batch_search([query], k, mode, per_doc, profile=profile, weight=weight)["0"]
 
     def batch_search(
-        self, queries: dict[str, str] | list[str], k: int = 10, mode: str | None = None, per_doc: bool = False
+        self,
+        queries: dict[str, str] | list[str],
+        k: int = 10,
+        mode: str | None = None,
+        per_doc: bool = False,
+        profile: Any = None,
+        weight: float = 1.0,
+        codes: sp.csr_matrix | None = None,
     ) -> dict[str, list[Hit]]:
         """Top-k passages per query; `queries` is {qid: text} or a list (then qids are "0", "1", ...).
 
         With `per_doc`, hits are collapsed to each document's best passage, so that one long document
         cannot fill the results. `Hit.latents` always explains the exact sparse score, whatever the
-        mode ranked by.
+        mode ranked by. A `profile` (`ragsae.routing.Profile` of this index) re-weights each query's
+        latents by `weight` before scoring (`weight=0`: the plain search). `codes`: the queries' pooled
+        codes (n_queries, num_latents) from this index's encoder, when already encoded (`Collections`
+        captures a query once for several indexes).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"k must be a whole number >= 1, got {k!r}")
@@ -374,7 +438,11 @@ class Index:
                 raise QueryError(f"query {qid!r} must be a string, got {type(text).__name__}")
             if not text.strip():
                 raise QueryError(f"query {qid!r} is empty")
-        qcodes = self.encode_queries(list(queries.values()))
+        if codes is not None and codes.shape != (len(queries), self.sae.num_latents):
+            raise QueryError(f"codes: shape {codes.shape}, expected {(len(queries), self.sae.num_latents)}")
+        qcodes = self.encode_queries(list(queries.values())) if codes is None else codes
+        if profile is not None:
+            qcodes = profile.reweight(self, qcodes, weight)
         retriever, passages = self._snapshot
         weights = retriever.query_weights(qcodes)
         n = max(1, retriever.live_rows)
@@ -645,11 +713,17 @@ class Index:
         current = new_sae[1]["version"] if new_sae else self.sae_version
         generation = self.generation + 1
         audit = audit if audit is not None else self.sanitize_audit
+        rebuilt = replace_all or new_sae is not None
+        serving = self.serving
+        if serving is not None and rebuilt:  # rows renumber: a new collection, never the old one changed
+            serving = {**serving, "collection": next_collection(serving["collection"])}
         if self.path is not None:
             sae = new_sae[0].sae if new_sae else None
             catalog = new_sae[0]._catalog if new_sae else None
             unchanged_on_os_error(
-                lambda: self._write_change(segments, history, versions, current, generation, sae, audit, catalog),
+                lambda: self._write_change(
+                    segments, history, versions, current, generation, sae, audit, catalog, serving
+                ),
                 self.path,
             )
         # Committed: apply in memory.
@@ -679,6 +753,72 @@ class Index:
                 self._refresh_statistics()
         self.history, self.sae_versions, self.generation = history, versions, generation
         self.sanitize_audit = audit
+        if serving is not None:
+            self._sync_serving(serving, deleted_rows, new_segment is not None, rebuilt)
+
+    # --- the Milvus serving copy ----------------------------------------------------------------------
+    def _connect_serving(self, record: dict[str, Any]) -> MilvusBackend:
+        return MilvusBackend.connect(
+            resolve_uri(record["uri"], self.path),
+            record["collection"],
+            self.sae.num_latents,
+            self.sae.d_model,
+            self._milvus_token or uri_token(None),
+        )
+
+    def _fill_serving(self, record: dict[str, Any], generation: int) -> None:
+        """Fill the collection `record` names with every live passage and serve from it."""
+        engine = self._connect_serving(record)
+        fill(engine, self.retriever.view, self.passages, generation)
+        self.serving, self.engine = record, engine
+        self.retriever.engine = engine
+
+    def _sync_serving(
+        self, record: dict[str, Any], deleted_rows: np.ndarray | None, added: bool, rebuilt: bool
+    ) -> None:
+        """Bring the Milvus collection in step with a committed change: rows deleted and added, or a new
+        collection when rows were renumbered (the old one dropped after). On failure, searches are served
+        from the segments and the next `load` fills the collection again."""
+        old = self.engine
+        try:
+            if rebuilt or old is None or old.collection != record["collection"]:
+                self._fill_serving(record, self.generation)
+                if old is not None and old.collection != record["collection"]:
+                    old.drop()
+                return
+            if deleted_rows is not None and len(deleted_rows):
+                old.delete(deleted_rows)
+            if added:
+                view = self.retriever.view
+                for records in view_records(view, self.passages, [len(view.segments) - 1]):
+                    old.insert(records)
+                old.flush()
+            old.mark(self.generation)
+        except (MilvusUnavailable, IndexFolderError) as error:
+            logger.error("%s; searching the index's segments until it is filled again (by Index.load)", error)
+            self.serving, self.engine = record, None
+            self.retriever.engine = None
+
+    def _reconnect_serving(self, generation: int) -> None:
+        """Connect to the manifest's collection at load; fill it again (under the write lock) when it is
+        missing or out of step with the index, or serve from the segments if another process is writing."""
+        assert self.serving is not None
+        engine = self._connect_serving(self.serving)
+        if not engine.in_step(len(self), generation):
+            logger.warning(
+                "the Milvus collection %r at %s is not in step with %s; filling it from the index's segments",
+                engine.collection,
+                engine.uri,
+                self.path,
+            )
+            try:
+                with self._writing():
+                    fill(engine, self.retriever.view, self.passages, generation)
+            except (IndexFolderError, MilvusUnavailable) as error:
+                logger.warning("%s; searching the index's segments", error)
+                return
+        self.engine = engine
+        self.retriever.engine = engine
 
     def _rebuild(self, segments: list[Segment]) -> None:
         """Search state made anew from `segments` (after a compaction or a new SAE version), then swapped in."""
@@ -699,12 +839,13 @@ class Index:
         new_sae: SparseAutoencoder | None,
         audit: Audit | None,
         new_catalog: LatentCatalog | None = None,
+        serving: dict[str, Any] | None = None,
     ) -> None:
         """New files under new names, then the manifest (the commit), then what it no longer names goes."""
         assert self.path is not None
         root = self.path
         named = self._write_files(
-            root, segments, history, versions, current, generation, new_sae, False, audit, new_catalog
+            root, segments, history, versions, current, generation, new_sae, False, audit, new_catalog, serving
         )
         write_manifest(root, named)
         removed = collect_garbage(root, named)
@@ -722,6 +863,7 @@ class Index:
         fresh: bool,
         audit: Audit | None,
         new_catalog: LatentCatalog | None = None,
+        serving: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write whatever of this state is not on disk at `root` yet (everything when `fresh`, the
         hash-mode salt file included); the manifest that describes it, not yet written."""
@@ -778,6 +920,7 @@ class Index:
             library_versions=library_versions(),
             sanitize_audit=audit.to_dict() if audit is not None else None,
             salt_fingerprint=salt_fingerprint(self._salt) if self._salt is not None else None,
+            serving=serving,
         )
 
     # --- persistence ---------------------------------------------------------------------
@@ -790,6 +933,9 @@ class Index:
             segments = [replace(s) for s in self.segments]
             versions = [dict(v) for v in self.sae_versions]
             generation = self.generation + 1
+            serving = moved_record(self.serving, path) if self.serving is not None else None
+            if serving is not None and resolve_uri(serving["uri"], path) != serving["uri"]:
+                release_lite(resolve_uri(serving["uri"], path))  # a Lite store inside `path` goes with the folder
 
             def write() -> dict[str, Any]:
                 with atomic_folder(path) as tmp:
@@ -803,12 +949,20 @@ class Index:
                         None,
                         True,
                         self.sanitize_audit,
+                        serving=serving,
                     )
                     write_manifest(tmp, manifest)
                 return manifest
 
             unchanged_on_os_error(write, path)
             self.segments, self.sae_versions, self.generation, self.path = segments, versions, generation, path
+            if serving is not None:
+                try:
+                    self._fill_serving(serving, generation)
+                except MilvusUnavailable as error:
+                    raise IndexFolderError(
+                        f"{path}: saved, but filling its Milvus collection failed ({error}); Index.load fills it"
+                    ) from None
             return path
 
     @staticmethod
@@ -851,6 +1005,9 @@ class Index:
         index.sanitize_audit = Audit.from_dict(audit) if audit is not None else None
         for segment in contents.segments:
             index._append(segment)
+        if manifest.get("serving") is not None:
+            index.serving = manifest["serving"]
+            index._reconnect_serving(index.generation)
         return index
 
     def info(self) -> dict[str, Any]:
@@ -885,6 +1042,7 @@ class Index:
             "drift_reports": len(self.history),
             "scoring": to_dict(self.config.scoring),
             "sanitize": self.sanitize_info(),
+            "serving": self.serving,
         }
 
     def sanitize_info(self) -> dict[str, Any]:

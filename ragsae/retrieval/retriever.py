@@ -5,10 +5,14 @@ computed once, with the reference statistics of the SAE version, and never rewri
 are masked, not removed. What depends on the live corpus (the latents' IDF) is applied to the query:
 a latent's query weight is scaled by its live IDF over its reference IDF, which gives exactly the
 scores of weights computed with the live IDF.
+
+A serving engine (`Retriever.engine`, a Milvus collection holding every live row by its global id) may
+answer searches and row reads in place of the segments; where it cannot, the segments answer.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +26,8 @@ from .backends import Backend, CsrBackend, FaissBackend
 from .feedback import feedback_queries
 from .fusion import reciprocal_rank_fusion
 from .scoring import CorpusStatistics, bm25_document_weights, decoder_vectors, prune_for_storage, row_norms
+
+logger = logging.getLogger(__name__)
 
 
 class SearchSegment:
@@ -77,6 +83,9 @@ class SegmentedSparse:
 
     def search(self, queries: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
         view = self._retriever.view
+        served = self._retriever.served(view, queries, k)
+        if served is not None:
+            return served
         return merge_segments(view, [(s.sparse, queries) for s in view.segments], k)
 
     def rows(self, ids: Sequence[int] | np.ndarray) -> sp.csr_matrix:
@@ -116,6 +125,44 @@ def _rows_of(queries: object) -> int:
     return int(queries.shape[0])  # type: ignore[attr-defined]
 
 
+def live_hits(
+    view: SegmentsView, scores: np.ndarray, ids: np.ndarray, k: int, sparse: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A serving engine's (scores, global ids) kept to the live rows of `view` and ranked as
+    `merge_segments` ranks (ties by row id). A sparse engine returns only rows sharing a latent with the
+    query: the other live rows follow with score 0, in row order, as exact scoring ranks them."""
+    total = int(view.offsets[-1])
+    keep = (ids >= 0) & (ids < total)
+    segment, local = view.locate(np.where(keep, ids, 0))
+    for s in np.unique(segment[keep]):
+        where = keep & (segment == s)
+        keep[where] = ~view.deleted[s][local[where]]
+    best = np.full((ids.shape[0], k), -np.inf, dtype=np.float32)
+    best_ids = np.full((ids.shape[0], k), -1, dtype=np.int64)
+    for q in range(ids.shape[0]):
+        row_ids, row_scores = ids[q][keep[q]], scores[q][keep[q]].astype(np.float32)
+        if sparse and len(row_ids) < k:
+            extra = _unmatched_rows(view, row_ids, k - len(row_ids))
+            row_ids = np.concatenate([row_ids, extra])
+            row_scores = np.concatenate([row_scores, np.zeros(len(extra), dtype=np.float32)])
+        order = np.lexsort((row_ids, -row_scores.astype(np.float64)))[:k]
+        best[q, : len(order)], best_ids[q, : len(order)] = row_scores[order], row_ids[order]
+    return best, best_ids
+
+
+def _unmatched_rows(view: SegmentsView, found: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` live rows of `view`, in row order, that are not in `found`."""
+    picked: list[np.ndarray] = []
+    for dead, offset in zip(view.deleted, view.offsets[:-1]):
+        live = np.flatnonzero(~dead) + int(offset)
+        live = live[~np.isin(live, found)][:count]
+        picked.append(live)
+        count -= len(live)
+        if count == 0:
+            break
+    return np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, dtype=np.int64)
+
+
 class Retriever:
     """Scores pooled query codes against an index's passage segments in the configured mode."""
 
@@ -126,6 +173,9 @@ class Retriever:
         self.reference_idf = reference.idf()
         self.view = SegmentsView((), (), np.zeros(1, dtype=np.int64), np.ones(len(self.reference_idf), np.float32))
         self.sparse = SegmentedSparse(self)
+        self.engine: Backend | None = None
+        """A serving copy of every live row (`backends/milvus.py`) that answers searches and row reads
+        when set; None: the segments answer. It raises LookupError where it cannot, and the segments answer."""
         self._write_lock = threading.Lock()
 
     @classmethod
@@ -186,10 +236,29 @@ class Retriever:
     def live_rows(self) -> int:
         return self.rows_total - sum(int(d.sum()) for d in self.view.deleted)
 
+    def served(self, view: SegmentsView, queries: object, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The serving engine's best `k` live rows of `view` for `queries` (sparse weights or dense
+        vectors), or None when there is no engine or it cannot answer."""
+        engine = self.engine
+        if engine is None:
+            return None
+        try:
+            scores, ids = engine.search(queries, k)
+        except LookupError as error:
+            logger.warning("%s; searching the index's segments", error)
+            return None
+        return live_hits(view, scores, ids, k, sparse=sp.issparse(queries))
+
     def rows(self, ids: Sequence[int] | np.ndarray, view: SegmentsView | None = None) -> sp.csr_matrix:
         """Stored BM25 weights (reference statistics) of global rows `ids`, in that order."""
         view = view or self.view
         ids = np.asarray(ids, dtype=np.int64)
+        engine = self.engine
+        if engine is not None and len(ids):
+            try:
+                return engine.rows(ids)
+            except LookupError as error:
+                logger.debug("%s; reading the index's segments", error)
         if len(view.segments) == 1:
             return view.segments[0].sparse.rows(ids)
         segment, local = view.locate(ids)
@@ -252,7 +321,10 @@ class Retriever:
         q = query_codes.astype(np.float32)
         dense_q = decoder_vectors(q.multiply(self.reference_idf[None, :]).tocsr(), self.w_dec)
         view = self.view
-        dense = merge_segments(view, [(s.dense, dense_q) for s in view.segments], k if mode == "faiss" else max(k, 100))
+        depth = k if mode == "faiss" else max(k, 100)
+        dense = self.served(view, dense_q, depth)
+        if dense is None:
+            dense = merge_segments(view, [(s.dense, dense_q) for s in view.segments], depth)
         if mode == "faiss":
             return dense
         runs = [self.sparse.search(weights, max(k, 100)), dense]
