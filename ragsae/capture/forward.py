@@ -87,8 +87,9 @@ def content_mask(text: str, spans: list[tuple[int, int]], stopwords: frozenset[s
     return keep if keep.any() else np.ones(len(spans), dtype=bool)
 
 
-INVARIANT_ROWS = 128
-"""Token rows per weight product in a batch-invariant capture (blocks padded with zeros to this size)."""
+INVARIANT_ROWS = 2048
+"""Token rows of every weight product in a batch-invariant capture: each batch holds as many texts as fit
+once padded to its longest, and its rows are padded with zeros to this many."""
 
 
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -97,13 +98,15 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarr
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def same_length_batches(ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
-    """Texts in batches of equal token length (no padding), longest first, input order within a length."""
+def token_budget_batches(ids: list[list[int]], rows: int) -> list[np.ndarray]:
+    """Texts longest first, each batch as many as fit in `rows` token rows once padded to its longest."""
     widths = np.array([len(x) for x in ids])
-    batches = []
-    for width in sorted(set(widths.tolist()), reverse=True):
-        rows = np.flatnonzero(widths == width)
-        batches += [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    order = np.argsort(-widths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        fit = max(1, rows // int(widths[order[start]]))
+        batches.append(order[start : start + fit])
+        start += fit
     return batches
 
 
@@ -124,10 +127,12 @@ def capture(
     Only blocks up to max(layers) run: as plain tensor operations for Llama-family models
     (`lm/trunk.py`), otherwise through the model's forward with hooks. Texts are batched by length
     (deterministic order), results come back in input order. Tokens of `stopwords` are fed but not
-    returned. With `batch_invariant`, a text's activations do not depend on the other texts: texts of
-    equal token length share a batch (no padding) and the trunk's weight products run on fixed blocks
-    of `INVARIANT_ROWS` token rows (`lm.linear.in_fixed_row_blocks`); passages are captured so, for an
-    index grown by adds to equal one built in one go.
+    returned. With `batch_invariant` (on the trunk), a text's activations do not depend on the other
+    texts: every weight product runs on exactly `INVARIANT_ROWS` token rows (a batch is as many texts as
+    fit, padded) and each text attends over its own length only (`LlamaTrunk`); passages are captured
+    so, for an index grown by adds to equal one built in one go. bfloat16 kernels otherwise sum in an
+    order that depends on the rows in the call and the padded width (364 of 600 msmarco passages
+    changed when captured in three parts).
     """
     for layer in layers:
         check_layer(llm, layer)
@@ -175,17 +180,21 @@ def capture(
                 handle.remove()
 
     pad = llm.tokenizer.pad_token_id
-    batches = same_length_batches(ids, batch_size) if batch_invariant else length_sorted_batches(lengths, batch_size)
+    if batch_invariant:
+        batches = token_budget_batches(ids, INVARIANT_ROWS)
+    else:
+        batches = length_sorted_batches(lengths, batch_size)
     product_rows = INVARIANT_ROWS if batch_invariant else None
     for batch in tqdm(batches, desc=f"capture L{layers}", disable=not progress):
         width = max(len(ids[i]) for i in batch)
+        lengths_fed = [len(ids[i]) for i in batch] if batch_invariant else None
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
         if trunk is not None and trunk.accepts(width):
-            grabbed.update(trunk(input_ids.to(llm.device), layers, product_rows))
+            grabbed.update(trunk(input_ids.to(llm.device), layers, product_rows, lengths_fed))
         else:
             hooked_forward(input_ids, mask)
         for layer in layers:

@@ -170,14 +170,39 @@ class LlamaTrunk:
     def accepts(self, length: int) -> bool:
         return self.max_length is None or length <= self.max_length
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+        """Causal attention of (batch, heads, tokens, head_dim) inputs; per row over its own length with
+        `lengths` (the kernel's sums then do not depend on the padded width)."""
+        gqa = self.kv_heads != self.heads
+        if lengths is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale, enable_gqa=gqa)
+        out = torch.zeros_like(q)
+        for row, n in enumerate(lengths):
+            out[row : row + 1, :, :n] = F.scaled_dot_product_attention(
+                q[row : row + 1, :, :n],
+                k[row : row + 1, :, :n],
+                v[row : row + 1, :, :n],
+                is_causal=n > 1,
+                scale=self.scale,
+                enable_gqa=gqa,
+            )
+        return out
+
     @torch.inference_mode()
     def __call__(
-        self, input_ids: torch.Tensor, layers: list[int], product_rows: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        layers: list[int],
+        product_rows: int | None = None,
+        lengths: list[int] | None = None,
     ) -> dict[int, torch.Tensor]:
         """(batch, tokens, d_model) activations after each of `layers` (0 = embeddings, at most
-        `self.layer`) for right-padded `input_ids` (batch, tokens). With `product_rows`, every weight
-        product runs on blocks of that many token rows, so that a row's result does not depend on the
-        batch (`linear.in_fixed_row_blocks`)."""
+        `self.layer`) for right-padded `input_ids` (batch, tokens).
+
+        Batch-invariant with `product_rows` and `lengths` (each row's tokens before its padding): every
+        weight product runs on blocks of `product_rows` token rows (`linear.in_fixed_row_blocks`) and each
+        row attends over its own length only, so that a text's activations depend on neither the texts
+        beside it nor the batch's padded width (padding positions come out as garbage, never read)."""
         if not layers or any(not 0 <= layer <= self.layer for layer in layers):
             raise ValueError(f"layers {layers} outside 0..{self.layer}")
         batch, length = input_ids.shape
@@ -204,9 +229,7 @@ class LlamaTrunk:
             q = rope(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2))
             k = rope(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2))
             v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                q, k, v, is_causal=length > 1, scale=self.scale, enable_gqa=self.kv_heads != self.heads
-            )
+            attended = self._attend(q, k, v, lengths)
             x = x + _product(block.out, attended.transpose(1, 2).reshape(batch, length, q_width), product_rows)
             h = self._rms_norm(x, block.norm2, block.eps2)
             gate, up = block.gate_up(h, product_rows)
