@@ -87,7 +87,7 @@ def content_mask(text: str, spans: list[tuple[int, int]], stopwords: frozenset[s
     return keep if keep.any() else np.ones(len(spans), dtype=bool)
 
 
-INVARIANT_ROWS = 2048
+INVARIANT_ROWS = 4096
 """Token rows of every weight product in a batch-invariant capture: each batch holds as many texts as fit
 once padded to its longest, and its rows are padded with zeros to this many."""
 

@@ -177,14 +177,13 @@ class LlamaTrunk:
         if lengths is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale, enable_gqa=gqa)
         out = torch.zeros_like(q)
+        by_length: dict[int, list[int]] = {}
         for row, n in enumerate(lengths):
-            out[row : row + 1, :, :n] = F.scaled_dot_product_attention(
-                q[row : row + 1, :, :n],
-                k[row : row + 1, :, :n],
-                v[row : row + 1, :, :n],
-                is_causal=n > 1,
-                scale=self.scale,
-                enable_gqa=gqa,
+            by_length.setdefault(n, []).append(row)
+        for n, rows in by_length.items():  # rows of one length together: the kernel is per row
+            index = torch.tensor(rows, device=q.device)
+            out[index, :, :n] = F.scaled_dot_product_attention(
+                q[index, :, :n], k[index, :, :n], v[index, :, :n], is_causal=n > 1, scale=self.scale, enable_gqa=gqa
             )
         return out
 
