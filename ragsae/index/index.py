@@ -425,19 +425,9 @@ class Index:
         codes (n_queries, num_latents) from this index's encoder, when already encoded (`Collections`
         captures a query once for several indexes).
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise QueryError(f"k must be a whole number >= 1, got {k!r}")
-        if isinstance(queries, list):
-            queries = {str(i): q for i, q in enumerate(queries)}
-        if not isinstance(queries, dict):
-            raise QueryError(f"queries must be a list or a dict of strings, got {type(queries).__name__}")
+        queries = checked_queries(queries, k)
         if not queries:
             return {}
-        for qid, text in queries.items():
-            if not isinstance(text, str):
-                raise QueryError(f"query {qid!r} must be a string, got {type(text).__name__}")
-            if not text.strip():
-                raise QueryError(f"query {qid!r} is empty")
         if codes is not None and codes.shape != (len(queries), self.sae.num_latents):
             raise QueryError(f"codes: shape {codes.shape}, expected {(len(queries), self.sae.num_latents)}")
         qcodes = self.encode_queries(list(queries.values())) if codes is None else codes
@@ -1084,6 +1074,23 @@ def index_salt(path: Path, config: SanitizeConfig, manifest: dict[str, Any]) -> 
             f"{salt_fingerprint(salt)}, the manifest says {expected}); its placeholders would not match"
         )
     return salt
+
+
+def checked_queries(queries: dict[str, str] | list[str], k: int) -> dict[str, str]:
+    """Queries of a search as {qid: text} (a list gets qids "0", "1", ...), after QueryError for a `k` that
+    is not a whole number >= 1 or a query that is not a non-empty string."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise QueryError(f"k must be a whole number >= 1, got {k!r}")
+    if isinstance(queries, list):
+        queries = {str(i): q for i, q in enumerate(queries)}
+    if not isinstance(queries, dict):
+        raise QueryError(f"queries must be a list or a dict of strings, got {type(queries).__name__}")
+    for qid, text in queries.items():
+        if not isinstance(text, str):
+            raise QueryError(f"query {qid!r} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise QueryError(f"query {qid!r} is empty")
+    return queries
 
 
 def version_record(

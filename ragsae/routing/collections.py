@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from ..config import SearchMode
 from ..errors import ConfigError, QueryError
 from ..index import Hit, Index
+from ..index.index import checked_queries
 from ..lm import LoadedLlm
 from .signature import Signature, signature
 
@@ -238,13 +239,7 @@ class Collections:
     ) -> dict[str, Routed]:
         """`search` for many queries ({qid: text}, or a list: qids "0", "1", ...), captured in one pass."""
         check_route(route, n, threshold)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise QueryError(f"k must be a whole number >= 1, got {k!r}")
-        if isinstance(queries, list):
-            queries = {str(i): q for i, q in enumerate(queries)}
-        if not isinstance(queries, dict):
-            raise QueryError(f"queries must be a list or a dict of strings, got {type(queries).__name__}")
-        check_queries(queries)
+        queries = checked_queries(queries, k)
         if not queries:
             return {}
         qids, texts = list(queries), list(queries.values())

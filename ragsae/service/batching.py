@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..capture import TokenActivations, capture, content_mask, tokenize
+from ..capture import TokenActivations, content_mask, tokenize
 from ..encode import encode_tokens, passage_activations, pool, selection_dtype
 from ..errors import QueryError
 from ..index import Index
@@ -272,14 +272,9 @@ class MicroBatcher:
         """Token activations as `CodeEncoder.encode_queries` / `encode_documents` capture them (of texts
         already as encoded: `encoded_texts`)."""
         encoder = self.index.encoder
-        cfg = encoder.capture
         if kind == "document":
-            return passage_activations(encoder.llm, texts, cfg)
-        stopwords = STOPWORD_LISTS[cfg.query_stopwords]
-        acts = capture(
-            encoder.llm, texts, [cfg.layer], cfg.window, cfg.batch_size, cfg.query_prefix, stopwords=stopwords
-        )
-        return acts[cfg.layer]
+            return passage_activations(encoder.llm, texts, encoder.capture)
+        return encoder.capture_queries(texts)
 
     def _token_codes(self, acts: TokenActivations) -> tuple[np.ndarray, np.ndarray]:
         encoder = self.index.encoder
