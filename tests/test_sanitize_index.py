@@ -203,7 +203,11 @@ def test_add_sanitises_and_sums_the_audit_and_the_salt_stays_private(hashed, tin
     assert leaks(copy) == [] and extra.encode() not in b"".join(p.read_bytes() for p in copy.rglob("*") if p.is_file())
     reloaded = Index.load(copy, llm=tiny_llm)
     assert reloaded.sanitize_audit == grown.sanitize_audit  # deleted documents stay counted
-    assert reloaded.search(EMAIL, k=1)[0].doc_id in {"billing", "sales"}
+    # The reloaded index hashes with the build's salt (retrieval by a hashed value is tested with a fixed salt above:
+    # with this fixture's random salt, how the random tiny model ranks changes from run to run).
+    placeholder = reloaded.sanitize_query(EMAIL)
+    assert placeholder == index.sanitize_query(EMAIL)
+    assert "billing" in {p.doc_id for p in reloaded.passages if placeholder in p.text}
 
 
 def test_drift_sanitises_without_counting(redacted):
