@@ -228,18 +228,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_and_text(args: argparse.Namespace, text_name: str) -> tuple[str | None, str]:
+    """The index folder (None with --index: route among `args.indexes`) and the query or question, from
+    the positional words of `search` and `ask`."""
+    given = len(args.words)
+    if args.indexes:
+        if given != 1:
+            raise ConfigError(
+                f"{args.command}: with --index, give only the {text_name} (got {given} arguments; name every "
+                "index folder with --index, or give one INDEX without --index)"
+            )
+        return None, args.words[0]
+    if given != 2:
+        raise ConfigError(f"{args.command}: give an index folder and a {text_name}, or --index (got {given} arguments)")
+    return args.words[0], args.words[1]
+
+
+def print_routing(routing: dict[str, float]) -> None:
+    print("routing: " + ", ".join(f"{name} {score:.4f}" for name, score in routing.items()))
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from .index import Index
 
-    if args.indexes:  # --index A --index B "query": routed among the indexes
-        if len(args.words) != 1:
-            raise ConfigError(f"search: with --index, give only the query (got {len(args.words)} arguments)")
+    path, query = index_and_text(args, "query")
+    if path is None:  # --index A --index B "query": routed among the indexes
         if args.profile:
             raise ConfigError("--profile: a profile belongs to one index; search it with `ragsae search INDEX QUERY`")
-        return search_collections(args, args.words[0])
-    if len(args.words) != 2:
-        raise ConfigError(f"search: give an index folder and a query, or --index (got {len(args.words)} arguments)")
-    path, query = args.words
+        return search_collections(args, query)
     index = Index.load(path, mode=args.mode, device=args.device)
     profile = None
     if args.profile:
@@ -260,8 +276,7 @@ def search_collections(args: argparse.Namespace, query: str) -> int:
     if args.json:
         print(json.dumps(routed.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    scores = ", ".join(f"{name} {score:.4f}" for name, score in routed.routing.items())
-    print(f"routing: {scores}")
+    print_routing(routed.routing)
     if not routed.retrieved:
         print(f"no index reaches the threshold {args.threshold}: nothing retrieved")
     for hit in routed.hits:
@@ -273,11 +288,40 @@ def search_collections(args: argparse.Namespace, query: str) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from .generate import RAG
     from .index import Index
+    from .routing import Collections
 
-    index = Index.load(args.index, mode=args.mode, device=args.device)
-    answer = RAG(index, k=args.k, max_new_tokens=args.max_new_tokens, min_support=args.min_support).ask(args.question)
+    path, question = index_and_text(args, "question")
+    target: Index | Collections
+    routing: dict[str, Any] = {}
+    if path is None:  # --index A --index B "question": routed among the indexes
+        target = Collections.load(args.indexes, mode=args.mode, device=args.device)
+        routing = {"route": args.route, "route_n": args.top_n, "threshold": args.threshold}
+    else:
+        target = Index.load(path, mode=args.mode, device=args.device)
+    rag = RAG(target, k=args.k, max_new_tokens=args.max_new_tokens, min_support=args.min_support, **routing)
+    answer = rag.ask(question)
+    if args.json:
+        print(json.dumps(answer_dict(answer), indent=2, ensure_ascii=False))
+        return 0
+    if answer.routing is not None:
+        print_routing(answer.routing)
+        answer = dataclasses.replace(answer, routing=None)  # shown above, as `search` shows it, not twice
     print(f"Q: {answer.question}\nA: {answer.format()}")
     return 0
+
+
+def answer_dict(answer: Any) -> dict[str, Any]:
+    """An `Answer` as JSON: what `ragsae ask --json` prints (the hits as `search --json` prints them)."""
+    return {
+        "question": answer.question,
+        "answer": answer.text,
+        "answered": answer.answered,
+        "retrieved": answer.retrieved,
+        "routing": answer.routing,
+        "support": answer.support,
+        "citations": answer.citations,
+        "hits": [dataclasses.asdict(hit) for hit in answer.hits],
+    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -482,6 +526,41 @@ def add_hits_arg(parser: argparse.ArgumentParser, default: int, what: str) -> No
     parser.add_argument("-k", "--k", type=int, default=default, help=f"{what} (default: {default})")
 
 
+def add_routing_args(parser: argparse.ArgumentParser, text_name: str) -> None:
+    """`[INDEX] TEXT` and the routing options of `search` and `ask`: one index folder, or several with
+    --index (`index_and_text` tells the two apart)."""
+    from .routing import ROUTES
+
+    parser.add_argument(
+        "words",
+        nargs="+",
+        metavar=f"[INDEX] {text_name.upper()}",
+        help=f"index folder and {text_name}; only the {text_name} with --index",
+    )
+    parser.add_argument(
+        "--index",
+        dest="indexes",
+        action="append",
+        metavar="INDEX",
+        help="an index folder to route among; repeat it (the indexes must share the LLM and query capture)",
+    )
+    parser.add_argument(
+        "--route",
+        choices=ROUTES,
+        default="best",
+        help="with --index: the best index, the --top-n best, or all of "
+        "those whose routing score reaches --threshold (default: best)",
+    )
+    parser.add_argument("--top-n", type=int, default=2, help="with --route top-n: how many indexes (default: 2)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        help="with --index: search no index whose routing score (cosine with its signature, 0..1) is below this "
+        "(default: 0, every index may be searched)",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragsae",
@@ -520,8 +599,6 @@ def make_parser() -> argparse.ArgumentParser:
     add_sanitize_args(p)
     p.set_defaults(func=cmd_build)
 
-    from .routing import ROUTES
-
     p = sub.add_parser(
         "search",
         help="top passages for a query, with contributing latents",
@@ -529,31 +606,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Search one index, or route the query among several (--index, repeated): it is captured once, "
         "scored against each index's latent signature, and searched in the indexes chosen by --route.",
     )
-    p.add_argument(
-        "words", nargs="+", metavar="[INDEX] QUERY", help="index folder and query; only the query with --index"
-    )
-    p.add_argument(
-        "--index",
-        dest="indexes",
-        action="append",
-        metavar="INDEX",
-        help="an index folder to route among; repeat it (the indexes must share the LLM and query capture)",
-    )
-    p.add_argument(
-        "--route",
-        choices=ROUTES,
-        default="best",
-        help="with --index: the best index, the --top-n best, or all of "
-        "those whose routing score reaches --threshold (default: best)",
-    )
-    p.add_argument("--top-n", type=int, default=2, help="with --route top-n: how many indexes (default: 2)")
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=0.0,
-        help="with --index: search no index whose routing score (cosine with its signature, 0..1) is below this "
-        "(default: 0, every index may be searched)",
-    )
+    add_routing_args(p, "query")
     p.add_argument("--profile", metavar="FILE", help="re-weight the query's latents by a user profile (Profile.save)")
     p.add_argument(
         "--profile-weight",
@@ -570,9 +623,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("ask", help="answer a question from the index, citing passages as [1], [2]")
-    p.add_argument("index", help="index folder")
-    p.add_argument("question")
+    p = sub.add_parser(
+        "ask",
+        help="answer a question from the index, citing passages as [1], [2]",
+        usage="ragsae ask [options] INDEX QUESTION | ragsae ask [options] --index INDEX [--index INDEX ...] QUESTION",
+        description="Answer from one index, or route the question among several (--index, repeated) and answer "
+        "from the passages of the indexes chosen by --route; the answer's sources name their index.",
+    )
+    add_routing_args(p, "question")
     add_hits_arg(p, 3, "passages given to the LLM")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap in tokens (default: 96)")
     p.add_argument(
@@ -584,6 +642,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=SEARCH_MODES, help="override the index's scoring mode")
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")
+    p.add_argument("--json", action="store_true", help="print the answer, its routing and its passages as JSON")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("info", help="print an index's manifest and whether the index verifies")

@@ -300,6 +300,38 @@ def test_cli_routes_among_several_indexes_and_keeps_the_one_index_form(indexes, 
     assert "only the query" in capsys.readouterr().err
 
 
+def test_cli_asks_among_several_indexes_and_keeps_the_one_index_form(indexes, capsys):
+    docs, kitchen = indexes
+    question = "Which module reads ZIP archives?"
+    args = ["ask", "--index", str(docs.path), "--index", str(kitchen.path), question, "-k", "2"]
+    args += ["--max-new-tokens", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("routing: docs ") and ", kitchen " in lines[0] and lines[1] == f"Q: {question}"
+    assert "Routing:" not in out  # the routing line is printed once, first
+    sources = [line.lstrip("* ") for line in lines if line.lstrip("* ").startswith("[")]
+    assert len(sources) == 2 and all(line[4:].startswith(("docs:", "kitchen:")) for line in sources)
+    assert main([*args, "--route", "all", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert set(answer["routing"]) == {"docs", "kitchen"} and answer["retrieved"] and len(answer["hits"]) == 2
+    expected = RAG(Collections(list(indexes)), k=2, max_new_tokens=4, route="all").ask(question)
+    assert answer["answer"] == expected.text
+    assert [(h["index"], h["passage_id"]) for h in answer["hits"]] == [(h.index, h.passage_id) for h in expected.hits]
+    assert main([*args, "--threshold", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("routing: ") and NOT_COVERED in out and "Sources" not in out
+    assert main(["ask", str(docs.path), question, "-k", "2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out  # one index: as before, no routing
+    assert out.startswith(f"Q: {question}\nA: ") and "Sources:" in out
+    assert not any(line.lower().startswith("routing") for line in out.splitlines())
+    assert main(["ask", str(docs.path), question, "--index", str(kitchen.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragsae ask: error:") and "give only the question" in err
+    assert main(["ask", question]) == 2
+    assert "give an index folder and a question, or --index" in capsys.readouterr().err
+
+
 def beir_slice(name: str, folder: Path, n_queries: int, judged_docs: int, fillers: int) -> Path:
     """A BEIR folder with the first judged queries of a shared collection, their judged documents (up
     to `judged_docs`) and unjudged fillers."""

@@ -4,6 +4,11 @@
 uvicorn. /encode and /search go through the micro-batcher (`batching.py`); /ask holds the batcher's
 gate while the LLM answers. Every error a client can cause is a 4xx with a JSON body
 `{"error": message, "field": name or null}`.
+
+Given `Collections` instead of an index, /search and /ask route each query among its indexes (request
+fields `route`, `top_n`, `threshold`; responses add `routing`, `retrieved` and each hit's `index`), and
+/encode and /documents act on its first index: one SAE encodes, one folder takes changes, and the
+responses name it.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
@@ -36,9 +41,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
 from ..config import SearchMode
-from ..errors import IndexFolderError, RagsaeError
+from ..errors import ConfigError, IndexFolderError, RagsaeError
 from ..generate import RAG, Answer
 from ..index import Hit, Index
+from ..routing import ROUTES, Collections, RoutedHit
 from ..text import Document
 from .batching import MicroBatcher, ServiceBusy, ServiceClosed, SparseCode
 from .config import ServiceConfig
@@ -76,6 +82,29 @@ class SearchResponse(BaseModel):
     mode: str
     per_doc: bool
     hits: list[HitOut]
+
+
+class RoutedHitOut(HitOut):
+    index: str
+    """The name of the index the hit came from; its score and rank are that index's own."""
+
+
+class RoutedSearchResponse(SearchResponse):
+    mode: str | None  # type: ignore[assignment]
+    """The mode asked for, else the indexes' own mode; null when their modes differ (each used its own)."""
+    routing: dict[str, float]
+    """Every index's routing score for the query (a cosine in [0, 1]), by name."""
+    chosen: list[str]
+    """The indexes searched, best routing score first."""
+    retrieved: bool
+    """False when no index's routing score reached the threshold: nothing was searched, no hits."""
+    hits: list[RoutedHitOut]  # type: ignore[assignment]
+    """At most k hits of the indexes chosen: their rank-1 hits (best-routed index first), then rank 2, ..."""
+
+
+class OfIndex(BaseModel):
+    index: str
+    """With several indexes: the one this acted on (the first)."""
 
 
 class TokenCodeOut(BaseModel):
@@ -120,6 +149,19 @@ class AskResponse(BaseModel):
     """Every passage given to the LLM."""
 
 
+class RoutedAskResponse(AskResponse):
+    routing: dict[str, float]
+    """Every index's routing score for the question, by name."""
+    retrieved: bool
+    """False when no index's routing score reached the threshold: nothing retrieved, the answer says so."""
+    sources: list[RoutedHitOut]  # type: ignore[assignment]
+    hits: list[RoutedHitOut]  # type: ignore[assignment]
+
+
+class RoutedEncodeResponse(EncodeResponse, OfIndex):
+    pass
+
+
 class DocumentsResponse(BaseModel):
     documents: int
     """Documents added (or replaced)."""
@@ -138,9 +180,17 @@ class DeleteResponse(BaseModel):
     generation: int
 
 
+class RoutedDocumentsResponse(DocumentsResponse, OfIndex):
+    pass
+
+
+class RoutedDeleteResponse(DeleteResponse, OfIndex):
+    pass
+
+
 def hit_json(hit: Hit) -> dict[str, Any]:
     labels = hit.labels
-    return {
+    out = {
         "rank": hit.rank,
         "score": hit.score,
         "passage_id": hit.passage_id,
@@ -151,10 +201,13 @@ def hit_json(hit: Hit) -> dict[str, Any]:
             for i, (j, w) in enumerate(hit.latents)
         ],
     }
+    if isinstance(hit, RoutedHit):
+        out["index"] = hit.index
+    return out
 
 
 def answer_json(answer: Answer) -> dict[str, Any]:
-    return {
+    out = {
         "question": answer.question,
         "answer": answer.text,
         "answered": answer.answered,
@@ -163,6 +216,9 @@ def answer_json(answer: Answer) -> dict[str, Any]:
         "sources": [hit_json(h) for h in answer.sources()],
         "hits": [hit_json(h) for h in answer.hits],
     }
+    if answer.routing is not None:  # the RAG routes (several indexes, or a retrieve-or-not threshold)
+        out.update(routing=answer.routing, retrieved=answer.retrieved)
+    return out
 
 
 def code_json(code: SparseCode) -> dict[str, Any]:
@@ -191,15 +247,23 @@ class InputError(Exception):
 
 # --- the service object --------------------------------------------------------------------
 class Service:
-    """What the endpoints share: the index, the RAG, the batcher and the metrics."""
+    """What the endpoints share: the index (with `collections`, their first), the RAG, the batcher and the
+    metrics (whose sparsity monitor watches that index's SAE)."""
 
-    def __init__(self, index: Index, rag: RAG, config: ServiceConfig):
+    def __init__(self, index: Index, rag: RAG, config: ServiceConfig, collections: Collections | None = None):
         self.index = index
+        self.collections = collections
         self.rag = rag
         self.config = config
         self.metrics = ServiceMetrics(index.sae, config.monitor_window)
         self.batcher = MicroBatcher(
-            index, self.metrics, config.max_batch, config.max_wait_ms, config.max_queue, config.monitor_interval_s
+            index,
+            self.metrics,
+            config.max_batch,
+            config.max_wait_ms,
+            config.max_queue,
+            config.monitor_interval_s,
+            collections,
         )
         self._asks = 0
         self._asks_lock = threading.Lock()
@@ -216,12 +280,24 @@ class Service:
         """`Index.delete` of one document (blocking); 404 when it is not live."""
         with self.batcher.gate:
             if doc_id not in self.index.doc_rows:
-                raise HTTPException(404, f"no live document with id {doc_id!r}")
+                where = f" in index {self.first_name!r} (the first: the one this service changes)"
+                raise HTTPException(404, f"no live document with id {doc_id!r}{where if self.routed else ''}")
             deleted = self.index.delete([doc_id])
             return self._after_change({"doc_id": doc_id, "deleted_passages": deleted})
 
     def _after_change(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {**body, "passages": len(self.index), "generation": self.index.generation}
+        body = {**body, "passages": len(self.index), "generation": self.index.generation}
+        return {**body, "index": self.first_name} if self.routed else body
+
+    @property
+    def routed(self) -> bool:
+        """Whether /search and /ask route among several indexes (the service was given `Collections`)."""
+        return self.collections is not None
+
+    @property
+    def first_name(self) -> str:
+        """The name of the index that /encode and /documents act on (with `Collections`: their first)."""
+        return self.collections.names[0] if self.collections is not None else ""
 
     def check_writable(self) -> None:
         if self.config.read_only:
@@ -229,12 +305,17 @@ class Service:
         if self.index.path is None:
             raise HTTPException(403, "this service's index has no folder to write changes to")
 
-    def rag_for(self, k: int | None) -> RAG:
-        """The service's RAG, with `k` passages when given."""
-        if k is None or k == self.rag.k:
+    def rag_for(
+        self, k: int | None, route: str | None = None, route_n: int | None = None, threshold: float | None = None
+    ) -> RAG:
+        """The service's RAG, with `k` passages and the routing settings given (those not given: its own)."""
+        asked = {"k": k, "route": route, "route_n": route_n, "threshold": threshold}
+        changes = {name: value for name, value in asked.items() if value is not None}
+        if all(getattr(self.rag, name) == value for name, value in changes.items()):
             return self.rag
         rag = copy.copy(self.rag)
-        rag.k = k
+        for name, value in changes.items():
+            setattr(rag, name, value)
         return rag
 
     def check_ask_room(self) -> None:
@@ -432,11 +513,28 @@ def _non_blank(text: str) -> str:
     return text
 
 
-def create_app(index: Index, rag: RAG | None = None, config: ServiceConfig | None = None) -> FastAPI:
+def _route(name: str) -> str:
+    if name not in ROUTES:
+        raise ValueError(f"must be one of {', '.join(ROUTES)}")
+    return name
+
+
+def create_app(index: Index | Collections, rag: RAG | None = None, config: ServiceConfig | None = None) -> FastAPI:
     """The service over `index`: /encode, /search, /ask, /healthz, /info, /metrics, the search page at /
-    and the OpenAPI schema at /openapi.json. `rag` answers /ask (default: `RAG(index)`)."""
+    and the OpenAPI schema at /openapi.json. `rag` answers /ask (default: `RAG(index)`).
+
+    Given `Collections`, /search and /ask route each query among its indexes (`rag` must then be a RAG over
+    those collections, whose route, route_n and threshold are the requests' defaults), and /encode,
+    POST /documents and DELETE /documents act on the first index."""
     settings = config or ServiceConfig()
-    service = Service(index, rag or RAG(index), settings)
+    collections = index if isinstance(index, Collections) else None
+    service_rag = rag or RAG(index)
+    if collections is not None:
+        if service_rag.collections is not collections:  # else /ask would not route as /search does
+            raise ConfigError("create_app: with Collections, rag must be a RAG over them (RAG(collections, ...))")
+        index = collections.indexes[0]
+    assert isinstance(index, Index)  # one index, or the first of the collections
+    service = Service(index, service_rag, settings, collections)
     d_model, layer = index.sae.d_model, index.config.capture.layer
     page = PAGE.read_text(encoding="utf-8")
 
@@ -480,6 +578,23 @@ def create_app(index: Index, rag: RAG | None = None, config: ServiceConfig | Non
         per_doc: bool = Field(False, strict=True)
         """One hit per document (its best passage)."""
 
+    Route = Annotated[str, Field(strict=True, json_schema_extra={"enum": list(ROUTES)}), AfterValidator(_route)]
+
+    class RouteFields(BaseModel):
+        """Which of the service's indexes a query is searched in (`Collections.search`); the defaults are the
+        service's RAG's."""
+
+        route: Route = service_rag.route
+        """'best': the best-matching index; 'top-n': the `top_n` best; 'all': every index (each only if its
+        routing score reaches `threshold`)."""
+        top_n: int = Field(service_rag.route_n, strict=True, ge=1)
+        """Indexes searched with route 'top-n'."""
+        threshold: Number = service_rag.threshold
+        """Search no index whose routing score (a cosine in [0, 1]) is below this; none reaching it: no hits."""
+
+    class RoutedSearchRequest(SearchRequest, RouteFields):
+        """A query to route among the service's indexes and search in those chosen."""
+
     class AskRequest(BaseModel):
         """A question to answer from the index."""
 
@@ -489,6 +604,9 @@ def create_app(index: Index, rag: RAG | None = None, config: ServiceConfig | Non
         """Passages given to the LLM; default: the service's."""
         stream: bool = Field(False, strict=True)
         """Send the answer token by token as Server-Sent Events."""
+
+    class RoutedAskRequest(AskRequest, RouteFields):
+        """A question to route among the service's indexes and answer from the passages of those chosen."""
 
     DocumentText = Annotated[
         str, Field(strict=True, min_length=1, max_length=settings.max_document_chars), AfterValidator(_non_blank)
@@ -590,28 +708,48 @@ def create_app(index: Index, rag: RAG | None = None, config: ServiceConfig | Non
     async def search_page() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self' 'unsafe-inline'"})
 
+    served = collections.indexes if collections is not None else [index]
+
+    def on_first_index(endpoint: Any) -> Any:
+        """With several indexes, say in the endpoint's description (the schema's) that it acts on the first."""
+        if collections is not None:
+            endpoint.__doc__ = (endpoint.__doc__ or "") + (
+                f"\n\nThis service has several indexes: this acts on the first, {collections.names[0]!r} "
+                "(the response's `index`)."
+            )
+        return endpoint
+
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         """Whether the service can answer: 200 when its worker runs, else 503."""
         ok = service.batcher.alive
-        body = {"status": "ok" if ok else "down", "passages": len(index), "queued": service.batcher.depth()}
+        passages = sum(len(served_index) for served_index in served)
+        body = {"status": "ok" if ok else "down", "passages": passages, "queued": service.batcher.depth()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        """The index's summary (`Index.info`) and the service's settings."""
+        """The index's summary (`Index.info`) and the service's settings; with several indexes, each one's
+        summary by name and the default routing."""
         limits = {k: v for k, v in dataclasses.asdict(settings).items() if k != "api_key"}
-        return {**index.info(), "service": {"version": __version__, "auth": settings.api_key is not None, **limits}}
+        about = {"service": {"version": __version__, "auth": settings.api_key is not None, **limits}}
+        if collections is None:
+            return {**index.info(), **about}
+        routing = {"route": service_rag.route, "top_n": service_rag.route_n, "threshold": service_rag.threshold}
+        return {"indexes": {name: each.info() for name, each in collections}, "routing": routing, **about}
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         """Prometheus metrics: requests and latency per endpoint, queue depth, batch sizes, sparsity."""
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/encode", response_model=EncodeResponse)
+    @app.post("/encode", response_model=RoutedEncodeResponse if collections is not None else EncodeResponse)
+    @on_first_index
     async def encode(body: EncodeRequest) -> JSONResponse:
         """SAE codes of texts (pooled over their tokens; per token on request) or of activation vectors."""
         info = {"layer": layer, "num_latents": index.sae.num_latents, "pooling": index.encoder.pooling}
+        if collections is not None:
+            info["index"] = service.first_name
         if body.activations is not None:
             vectors = np.asarray(body.activations, dtype=np.float64)
             beyond = (np.abs(vectors) > np.finfo(np.float32).max).any(axis=1)
@@ -623,37 +761,75 @@ def create_app(index: Index, rag: RAG | None = None, config: ServiceConfig | Non
         codes = await asyncio.wrap_future(service.batcher.encode(texts, body.kind, body.per_token))
         return JSONResponse({"kind": body.kind, **info, "codes": [code_json(c) for c in codes]})
 
-    @app.post("/search", response_model=SearchResponse)
-    async def search(body: SearchRequest) -> JSONResponse:
-        """Top-k passages for a query, each with the latents that made it match."""
-        hits = await asyncio.wrap_future(service.batcher.search(body.query, body.k, body.mode, body.per_doc))
-        mode = body.mode or index.config.scoring.mode
-        return JSONResponse(
-            {
-                "query": body.query,
-                "k": body.k,
-                "mode": mode,
-                "per_doc": body.per_doc,
-                "hits": [hit_json(h) for h in hits],
-            }
-        )
-
-    @app.post("/ask", response_model=AskResponse, responses={200: {"content": {"text/event-stream": {}}}})
-    async def ask(body: AskRequest) -> Response:
-        """A cited answer from the top passages; with `stream`, Server-Sent Events: 'token' events
-        ({"text"}) as the answer is generated, then one 'answer' event (this endpoint's JSON)."""
-        rag = service.rag_for(body.k)
-        if body.stream:
+    async def answer(rag: RAG, question: str, stream: bool) -> Response:
+        """/ask's response: the answer as JSON, or streamed as Server-Sent Events."""
+        if stream:
             service.check_ask_room()  # a full queue is a 503, not an error event in a 200 stream
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(
-                service.ask_events(rag, body.question), media_type="text/event-stream", headers=headers
-            )
+            return StreamingResponse(service.ask_events(rag, question), media_type="text/event-stream", headers=headers)
         with service.ask_slot():
-            answer = await anyio.to_thread.run_sync(service.ask, rag, body.question)
-        return JSONResponse(answer_json(answer))
+            answered = await anyio.to_thread.run_sync(service.ask, rag, question)
+        return JSONResponse(answer_json(answered))
 
-    @app.post("/documents", response_model=DocumentsResponse)
+    if collections is None:
+
+        @app.post("/search", response_model=SearchResponse)
+        async def search(body: SearchRequest) -> JSONResponse:
+            """Top-k passages for a query, each with the latents that made it match."""
+            hits = await asyncio.wrap_future(service.batcher.search(body.query, body.k, body.mode, body.per_doc))
+            mode = body.mode or index.config.scoring.mode
+            return JSONResponse(
+                {
+                    "query": body.query,
+                    "k": body.k,
+                    "mode": mode,
+                    "per_doc": body.per_doc,
+                    "hits": [hit_json(h) for h in hits],
+                }
+            )
+
+        @app.post("/ask", response_model=AskResponse, responses={200: {"content": {"text/event-stream": {}}}})
+        async def ask(body: AskRequest) -> Response:
+            """A cited answer from the top passages; with `stream`, Server-Sent Events: 'token' events
+            ({"text"}) as the answer is generated, then one 'answer' event (this endpoint's JSON)."""
+            return await answer(service.rag_for(body.k), body.question, body.stream)
+
+    else:
+        modes = {each.config.scoring.mode for each in collections.indexes}
+        shared_mode = modes.pop() if len(modes) == 1 else None
+
+        @app.post("/search", response_model=RoutedSearchResponse)
+        async def routed_search(body: RoutedSearchRequest) -> JSONResponse:
+            """Route a query among the indexes by their latent signatures, then the top-k passages of those
+            chosen, each tagged with its index and the latents that made it match; concurrent requests with
+            the same settings share one LLM pass."""
+            future = service.batcher.routed_search(
+                body.query, body.k, body.route, body.top_n, body.threshold, body.mode, body.per_doc
+            )
+            routed = await asyncio.wrap_future(future)
+            return JSONResponse(
+                {
+                    "query": body.query,
+                    "k": body.k,
+                    "mode": body.mode or shared_mode,
+                    "per_doc": body.per_doc,
+                    "routing": routed.routing,
+                    "chosen": routed.chosen,
+                    "retrieved": routed.retrieved,
+                    "hits": [hit_json(h) for h in routed.hits],
+                }
+            )
+
+        @app.post("/ask", response_model=RoutedAskResponse, responses={200: {"content": {"text/event-stream": {}}}})
+        async def routed_ask(body: RoutedAskRequest) -> Response:
+            """Route a question among the indexes, then a cited answer from the top passages of those chosen
+            (each source names its index); none chosen: the answer says no index covers the question. With
+            `stream`, Server-Sent Events: 'token' events ({"text"}), then one 'answer' event (this JSON)."""
+            rag_asked = service.rag_for(body.k, body.route, body.top_n, body.threshold)
+            return await answer(rag_asked, body.question, body.stream)
+
+    @app.post("/documents", response_model=RoutedDocumentsResponse if collections is not None else DocumentsResponse)
+    @on_first_index
     async def add_documents(body: DocumentsRequest) -> JSONResponse:
         """Add documents to the index (`Index.add`; with `upsert`, `Index.upsert`), committed to its folder
         before the response. Searches wait while the new passages are encoded."""
@@ -678,7 +854,10 @@ def create_app(index: Index, rag: RAG | None = None, config: ServiceConfig | Non
         changed = await anyio.to_thread.run_sync(service.change, documents, body.upsert)
         return JSONResponse(json.loads(json.dumps(changed, default=_plain)))
 
-    @app.delete("/documents/{doc_id:path}", response_model=DeleteResponse)
+    @app.delete(
+        "/documents/{doc_id:path}", response_model=RoutedDeleteResponse if collections is not None else DeleteResponse
+    )
+    @on_first_index
     async def delete_document(doc_id: str) -> JSONResponse:
         """Delete a document (all its passages) from the index, committed to its folder before the response."""
         service.check_writable()

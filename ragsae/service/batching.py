@@ -4,10 +4,11 @@ through the LLM forward pass and the SAE together, by one worker thread.
 A request is a job on a queue; the worker takes the first job, waits up to `max_wait_ms` (from that
 job's arrival) for more until `max_batch` texts are queued, then computes the jobs together: texts
 to encode of one kind in one capture, searches with the same (k, mode, per_doc) in one
-`Index.batch_search`. Jobs that piled up while a batch was computed are taken at once, so under load
-batches fill without waiting. `max_batch=1` turns batching off (one request at a time, in order).
-Every use of the LLM holds `gate`, which the service's other LLM users (/ask) take too: the model is
-shared, and a capture hooks into its modules.
+`Index.batch_search`, and, over several indexes, routed searches with the same settings in one
+`Collections.batch_search` (one capture for every index). Jobs that piled up while a batch was
+computed are taken at once, so under load batches fill without waiting. `max_batch=1` turns batching
+off (one request at a time, in order). Every use of the LLM holds `gate`, which the service's other LLM
+users (/ask) take too: the model is shared, and a capture hooks into its modules.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..capture import TokenActivations, content_mask, tokenize
 from ..encode import encode_tokens, passage_activations, pool, selection_dtype
 from ..errors import QueryError
 from ..index import Index
+from ..routing import Collections
 from ..text import STOPWORD_LISTS
 from .metrics import ServiceMetrics
 
@@ -74,7 +76,7 @@ class SparseCode:
 @dataclass
 class _Job:
     kind: str
-    """'encode', 'vectors' or 'search'."""
+    """'encode', 'vectors', 'search' or 'routed'."""
     key: tuple[Any, ...]
     """Jobs with the same key are computed together."""
     payload: Any
@@ -94,6 +96,9 @@ class MicroBatcher:
     """One worker thread that computes /encode and /search requests in micro-batches; thread-safe.
 
     Args:
+        index: the index searched, and whose LLM and SAE encode texts and vectors (with `collections`, their
+            first index).
+        collections: the indexes that `routed_search` routes among; None when the service has one index.
         max_batch: texts (or vectors) per batch; 1 turns batching off.
         max_wait_ms: how long the first job of a batch waits for others.
         max_queue: jobs waiting at most; more are refused with `ServiceBusy`.
@@ -110,10 +115,12 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         max_queue: int = 256,
         monitor_interval_s: float = 1.0,
+        collections: Collections | None = None,
     ):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or monitor_interval_s < 0:
             raise ValueError(f"bad batcher settings: {max_batch=}, {max_queue=}, {max_wait_ms=}, {monitor_interval_s=}")
         self.index = index
+        self.collections = collections
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
@@ -144,6 +151,21 @@ class MicroBatcher:
     def search(self, query: str, k: int = 10, mode: str | None = None, per_doc: bool = False) -> Future:
         """Future of `list[Hit]`: `Index.search(query, k, mode, per_doc)`."""
         return self._submit(_Job("search", ("search", k, mode, per_doc), query, 1))
+
+    def routed_search(
+        self,
+        query: str,
+        k: int = 10,
+        route: str = "best",
+        n: int = 2,
+        threshold: float = 0.0,
+        mode: str | None = None,
+        per_doc: bool = False,
+    ) -> Future:
+        """Future of `Routed`: `Collections.batch_search` of the query among the batcher's `collections`."""
+        if self.collections is None:
+            raise RuntimeError("routed_search needs a batcher made with collections")
+        return self._submit(_Job("routed", ("routed", k, route, n, threshold, mode, per_doc), query, 1))
 
     def _submit(self, job: _Job) -> Future:
         with self._cond:
@@ -233,7 +255,7 @@ class MicroBatcher:
         with self.gate:
             for key, jobs in groups.items():
                 self._compute_group(key, jobs)
-                if key[0] == "search":
+                if key[0] in ("search", "routed"):
                     searched += [job.payload for job in jobs]
             if self.metrics is not None:
                 self.metrics.observe_batch(sum(job.size for job in batch), len(batch), time.perf_counter() - start)
@@ -261,6 +283,12 @@ class MicroBatcher:
             _, k, mode, per_doc = key
             found = self.index.batch_search({str(i): job.payload for i, job in enumerate(jobs)}, k, mode, per_doc)
             return [found[str(i)] for i in range(len(jobs))]
+        if key[0] == "routed":
+            assert self.collections is not None  # routed_search refuses otherwise
+            _, k, route, n, threshold, mode, per_doc = key
+            queries = {str(i): job.payload for i, job in enumerate(jobs)}
+            routed = self.collections.batch_search(queries, k, route, n, threshold, mode, per_doc)
+            return [routed[str(i)] for i in range(len(jobs))]
         if key[0] == "vectors":
             return split(self._encode_vectors(np.concatenate([job.payload for job in jobs])), [j.size for j in jobs])
         texts = [text for job in jobs for text in job.payload.texts]

@@ -1,4 +1,5 @@
-"""`ragsae serve INDEX`: the index as an HTTP service (FastAPI app run by uvicorn).
+"""`ragsae serve INDEX [INDEX ...]`: the index as an HTTP service (FastAPI app run by uvicorn); with several
+indexes, /search and /ask route each query among them (`Collections`).
 
 `add_serve_parser(subparsers)` adds the subcommand to a parser and `run_serve(args)` runs it; the
 service's limits take their flags' help and defaults from `ServiceConfig`'s fields. Also runs alone:
@@ -45,11 +46,19 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `serve` subcommand to `subparsers` (from `ArgumentParser.add_subparsers`); it sets `func`."""
     p = subparsers.add_parser(
         "serve",
-        help="serve an index over HTTP: /encode, /search, /ask, /metrics and a search page at /",
+        help="serve an index (or several, routed) over HTTP: /encode, /search, /ask, /metrics and a search page",
         description="Serve an index over HTTP (FastAPI + uvicorn; pip install 'ragsae[serve]'). Endpoints: "
-        "POST /encode, /search, /ask; GET /healthz, /info, /metrics, /openapi.json; the search page at /.",
+        "POST /encode, /search, /ask; GET /healthz, /info, /metrics, /openapi.json; the search page at /. "
+        "Given several indexes (built over one LLM and query capture; named by their folders), /search and "
+        "/ask route each query among them (request fields route, top_n, threshold), while /encode and "
+        "POST/DELETE /documents act on the first.",
     )
-    p.add_argument("index", help="index folder")
+    p.add_argument(
+        "indexes",
+        nargs="+",
+        metavar="INDEX",
+        help="index folder; with several, queries are routed among them and /encode and /documents use the first",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument(
@@ -125,7 +134,7 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if threads is None and args.workers > 1:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     return {
-        "index": str(args.index),
+        "indexes": [str(path) for path in args.indexes],
         "mode": args.mode,
         "device": args.device,
         "threads": threads,
@@ -135,7 +144,7 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_app(settings: dict[str, Any]) -> Any:
-    """Load the index and make the app, from `serve_settings`."""
+    """Load the index (several: `Collections` over one LLM) and make the app, from `serve_settings`."""
     try:
         from .app import create_app
     except ImportError as error:
@@ -144,12 +153,17 @@ def build_app(settings: dict[str, Any]) -> Any:
 
     from ..generate import RAG
     from ..index import Index
+    from ..routing import Collections
 
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
-    index = Index.load(settings["index"], mode=settings["mode"], device=settings["device"])
-    rag = RAG(index, **settings["rag"])
-    return create_app(index, rag, ServiceConfig(**settings["service"]))
+    paths, mode, device = settings["indexes"], settings["mode"], settings["device"]
+    served: Index | Collections
+    if len(paths) == 1:
+        served = Index.load(paths[0], mode=mode, device=device)
+    else:
+        served = Collections.load(paths, mode=mode, device=device)
+    return create_app(served, RAG(served, **settings["rag"]), ServiceConfig(**settings["service"]))
 
 
 def app_from_environment() -> Any:
@@ -177,7 +191,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ragsae.service.cli INDEX ...`: `ragsae serve` on its own."""
+    """`python -m ragsae.service.cli INDEX [INDEX ...] [options]`: `ragsae serve` on its own."""
     parser = argparse.ArgumentParser(prog="ragsae", description="Serve a ragsae index over HTTP.")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
