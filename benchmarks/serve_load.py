@@ -10,8 +10,9 @@ each send their next request as soon as the last one answered (closed loop; asyn
 process) until `--requests` have been answered or `--time-limit` seconds passed. Queries are the
 collection's, in turn. Recorded: requests/s, p50/p95/p99 latency, errors (any non-200 or failed
 request; must be 0), the mean number of requests per micro-batch (from /metrics), the server's
-resident memory after each run and after each fifth of a `--soak` of mixed requests at the highest
-concurrency. The service's overhead: each query one at a time through the Python API in this process
+resident memory after each run and after each of `--soak-parts` parts of a `--soak` of mixed requests at
+the highest concurrency (`--soak-only on` soaks the batching server alone, with no load runs before).
+The service's overhead: each query one at a time through the Python API in this process
 (`Index.search`, `Index.encode_queries`) and through each server, taking turns pass by pass
 (`--repeats` passes each), p50 over p50.
 
@@ -190,7 +191,7 @@ def batch_stats(url: str) -> dict[str, float]:
 def serve_runs(index: Path, args: argparse.Namespace, queries: list[str]) -> tuple[list[dict[str, Any]], dict]:
     """Both settings (batching on: `--max-batch`; off: 1), each in its own server; the runs of each
     (endpoint, clients) pair take turns between them, so that both see the same machine."""
-    batches = (args.max_batch, 1)
+    batches = {"both": (args.max_batch, 1), "on": (args.max_batch,), "off": (1,)}[args.soak_only or "both"]
     servers: list[Server] = []
     settings: list[dict[str, Any]] = [{"max_batch": b, "runs": [], "soak": None} for b in batches]
     try:
@@ -199,6 +200,10 @@ def serve_runs(index: Path, args: argparse.Namespace, queries: list[str]) -> tup
         for server, setting in zip(servers, settings):
             asyncio.run(load(server.url, ["search", "encode"], queries, 2, 20, args.k, args.time_limit))  # warm-up
             setting["rss_after_warmup_mb"] = server.rss_mb()
+        if args.soak_only:
+            for server, setting in zip(servers, settings):
+                setting["soak"] = soak(server, args, queries)
+            return settings, {}
         for endpoint in args.endpoints:
             for clients in args.concurrency:
                 for server, setting in zip(servers, settings):
@@ -235,8 +240,8 @@ def soak(server: Server, args: argparse.Namespace, queries: list[str]) -> dict[s
     rss = [server.rss_mb()]
     parts = []
     deadline = time.monotonic() + args.soak_time_limit
-    for part in range(5):
-        size = args.soak // 5 + (1 if part < args.soak % 5 else 0)
+    for part in range(args.soak_parts):
+        size = args.soak // args.soak_parts + (1 if part < args.soak % args.soak_parts else 0)
         left = deadline - time.monotonic()
         if size == 0 or left <= 0:
             break
@@ -319,18 +324,9 @@ def row(max_batch: int, run: dict[str, Any]) -> str:
     )
 
 
-def report(result: dict[str, Any]) -> str:
-    lines = [
-        f"## ragsae serve on {result['machine']['cpu']} ({result['machine']['cpus']} cores), loopback",
-        "",
-        f"Index: {result['index']} ({result['passages']} passages). {result['requests_per_run']} requests per run "
-        f"(closed loop), `--max-wait-ms {result['max_wait_ms']}`; batching on = `--max-batch {result['max_batch']}`, "
-        "off = `--max-batch 1`.",
-        "",
-        "| endpoint | clients | batching | req/s | p50 ms | p95 ms | p99 ms | requests/batch | errors | "
-        "server RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+def load_tables(result: dict[str, Any]) -> list[str]:
+    """The load runs' rows (batching on, then off, per endpoint and clients) and the in-process comparison."""
+    lines = []
     on, off = result["settings"]
     for run_on, run_off in zip(on["runs"], off["runs"]):
         lines += [row(on["max_batch"], run_on), row(off["max_batch"], run_off)]
@@ -349,12 +345,32 @@ def report(result: dict[str, Any]) -> str:
             f"| /{endpoint} | {local['p50_ms']:.1f} | {off['p50_ms']:.1f} | {on['p50_ms']:.1f} | "
             f"{off['over_in_process']:.2f}x, {on['over_in_process']:.2f}x |"
         )
+    return lines
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        f"## ragsae serve on {result['machine']['cpu']} ({result['machine']['cpus']} cores), loopback",
+        "",
+        f"Index: {result['index']} ({result['passages']} passages). {result['requests_per_run']} requests per run "
+        f"(closed loop), `--max-wait-ms {result['max_wait_ms']}`; batching on = `--max-batch {result['max_batch']}`, "
+        "off = `--max-batch 1`.",
+        "",
+        "| endpoint | clients | batching | req/s | p50 ms | p95 ms | p99 ms | requests/batch | errors | "
+        "server RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    if not result["one_at_a_time"]:  # --soak-only
+        lines = lines[:2] + [f"Index: {result['index']} ({result['passages']} passages); soak only."]
+    else:
+        lines += load_tables(result)
     for setting in result["settings"]:
         soak = setting["soak"]
         if soak:
             lines.append(
                 f"\nSoak, batching {'on' if setting['max_batch'] > 1 else 'off'}: {soak['requests']} mixed requests at "
-                f"{soak['clients']} clients, {soak['errors']} errors, server RSS after each fifth "
+                f"{soak['clients']} clients, {soak['errors']} errors, server RSS before and after each of "
+                f"{len(soak['rss_mb']) - 1} parts "
                 f"{' / '.join(f'{mb:.0f}' for mb in soak['rss_mb'])} MB ({soak['throughput_rps']:.1f} req/s)."
             )
     load = result["load_average_1_5_15min"]
@@ -378,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=120, help="seconds at most per run (default: 120)")
     parser.add_argument("--soak", type=int, default=2000, help="mixed requests of the memory check; 0: none")
     parser.add_argument("--soak-time-limit", type=float, default=600, help="seconds at most for the soak")
+    parser.add_argument("--soak-parts", type=int, default=5, help="parts of the soak, memory read after each")
+    parser.add_argument(
+        "--soak-only",
+        choices=("on", "off", "both"),
+        help="only the soak, of the batching server ('on'), the other ('off') or both: serve-soak.json/.md",
+    )
     parser.add_argument("--max-batch", type=int, default=32, help="micro-batch size with batching on (default: 32)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the service's batching window (default: 2)")
     parser.add_argument("-k", type=int, default=10, help="hits per search (default: 10)")
@@ -422,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "serve-load.json", result)
-    write_text_atomic(out / "serve-load.md", table)
+    name = "serve-soak" if args.soak_only else "serve-load"
+    write_json_atomic(out / f"{name}.json", result)
+    write_text_atomic(out / f"{name}.md", table)
     (out / "serve-load.partial.json").unlink(missing_ok=True)
     return 0
 

@@ -1,4 +1,4 @@
-"""The benchmark tools beside the bench: capture_speed.py and trim_gguf.py (benchmarks/)."""
+"""The benchmark tools beside the bench: capture_speed.py, trim_gguf.py and milvus_quality.py (benchmarks/)."""
 
 import json
 
@@ -13,6 +13,7 @@ from ragsae.lm.linear import prepack
 
 capture_speed = load_benchmark_script("capture_speed")
 trim_gguf = load_benchmark_script("trim_gguf")
+milvus_quality = load_benchmark_script("milvus_quality")
 
 
 def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collection, tmp_path):
@@ -77,3 +78,22 @@ def test_trimmed_gguf_keeps_activations_and_only_the_kept_tokens(tmp_path):
     unused = next(t for t in range(1000, 2000) if t not in kept)
     assert float(embedding[unused].abs().sum()) == 0.0
     assert float(embedding[sorted(kept)[-1]].abs().sum()) > 0.0
+
+
+def test_milvus_quality_compares_top_lists_rank_by_rank():
+    """Same list, swapped order, another passage, -inf padding on both sides, a missing hit; only the
+    first `top` hits count."""
+    scores = np.array([[3, 2, 1, 0.5], [3, 2, 1, 0.5], [3, 2, 1, 0.5], [4, 2, -np.inf, -np.inf]], dtype=np.float32)
+    ids = np.array([[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [1, 2, -1, -1]])
+    served_ids = np.array([[5, 6, 7, 9], [6, 5, 7, 8], [5, 6, 9, 8], [1, 2, -1, -1]])
+    served_scores = scores + np.array([[0, 0, 0, 9], [0, 0, 0, 0], [0, 0, 0, 0], [0.004, 0, 0, 0]], dtype=np.float32)
+    got = milvus_quality.agreement((scores, ids), (served_scores, served_ids), top=3)
+    assert got["same_top_ordered"] == 0.5 and got["same_top_set"] == 0.75
+    assert got["differing_rows"] == [1, 2]
+    assert got["max_score_difference"] == pytest.approx(0.004, rel=1e-3)
+    assert got["max_relative_score_difference"] == pytest.approx(0.001, rel=1e-3)
+    cut = milvus_quality.agreement((scores, ids), (scores, served_ids), top=1)
+    assert cut["same_top_ordered"] == 0.75 and cut["max_score_difference"] == 0.0
+    missing = scores.copy()
+    missing[0, 2] = -np.inf  # a hit the reference has and the served run lacks
+    assert milvus_quality.agreement((scores, ids), (missing, ids), top=3)["max_score_difference"] == np.inf

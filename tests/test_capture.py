@@ -128,3 +128,23 @@ def test_real_model_passage_activations_do_not_depend_on_the_batch():
     whole = passage_activations(llm, texts, config).values
     parts = [passage_activations(llm, texts[a:b], config).values for a, b in ((0, 7), (7, 31), (31, 60))]
     assert np.array_equal(whole, np.concatenate(parts))
+
+
+def test_query_batches_take_few_shapes():
+    """A service's micro-batches of 1 to 32 queries are padded to seven row counts (each shape costs
+    kernels and buffers kept for good), never fewer rows than texts."""
+    from ragsae.capture.forward import bucket_rows
+
+    sizes = {n: bucket_rows(n) for n in range(1, 33)}
+    assert set(sizes.values()) == {1, 2, 4, 8, 16, 24, 32}
+    assert all(n <= rows < 2 * n for n, rows in sizes.items())
+
+
+def test_padded_query_batches_give_each_query_its_own_codes(tiny_llm):
+    texts = ["a short one", "a somewhat longer query about capture", "x", "three words here", "five"]
+    together = capture(tiny_llm, texts, [2], batch_size=5)[2]
+    for i, text in enumerate(texts):
+        alone = capture(tiny_llm, [text], [2])[2]
+        np.testing.assert_allclose(
+            alone.values, together.values[together.offsets[i] : together.offsets[i + 1]], atol=1e-5
+        )

@@ -68,6 +68,18 @@ def test_low_precision_selection_is_the_plain_product_topk():
     assert torch.equal(sae.encode(x, torch.bfloat16).indices.sort(1).values, expected)
 
 
+def test_low_precision_selection_in_slices_equals_all_rows_at_once(monkeypatch):
+    import ragsae.sae.base as sae_base
+
+    sae = create_sae(small_config(num_latents=512, k=8), 32)
+    x = torch.randn(50, 32)
+    monkeypatch.setattr(sae_base, "SELECT_ROWS", 10**6)
+    whole = sae.encode(x, torch.bfloat16)
+    monkeypatch.setattr(sae_base, "SELECT_ROWS", 7)  # slices of 7 rows, the last one of 1
+    sliced = sae.encode(x, torch.bfloat16)
+    assert torch.equal(sliced.indices, whole.indices) and torch.equal(sliced.values, whole.values)
+
+
 def test_low_precision_weights_follow_updates():
     sae = create_sae(small_config(), 32)
     x = torch.randn(6, 32)

@@ -98,6 +98,16 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarr
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def bucket_rows(texts: int) -> int:
+    """Rows a batch of `texts` is padded to (with rows of padding, never read): 1, 2, 4, 8, then multiples
+    of 8 (and its width to a multiple of 8 tokens). Every distinct batch shape makes oneDNN build and keep
+    kernels and the allocator keep buffers for it: a service whose micro-batches took every size grew in
+    memory for tens of thousands of requests (benchmarks/README.md, Service)."""
+    if texts <= 8:
+        return 1 << (texts - 1).bit_length()
+    return -(-texts // 8) * 8
+
+
 def token_budget_batches(ids: list[list[int]], rows: int) -> list[np.ndarray]:
     """Texts longest first, each batch as many as fit in `rows` token rows once padded to its longest."""
     widths = np.array([len(x) for x in ids])
@@ -188,12 +198,19 @@ def capture(
     for batch in tqdm(batches, desc=f"capture L{layers}", disable=not progress):
         width = max(len(ids[i]) for i in batch)
         lengths_fed = [len(ids[i]) for i in batch] if batch_invariant else None
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        use_trunk = trunk is not None and trunk.accepts(width)
+        padded_rows = len(batch)
+        if use_trunk and not batch_invariant:  # few shapes (`bucket_rows`); right padding is never attended to
+            padded_rows = bucket_rows(len(batch))
+            rounded = -(-width // 8) * 8
+            width = rounded if trunk.accepts(rounded) else width
+        input_ids = torch.full((padded_rows, width), pad, dtype=torch.long)
+        mask = torch.zeros((padded_rows, width), dtype=torch.long)
         for row, i in enumerate(batch):
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
-        if trunk is not None and trunk.accepts(width):
+        if use_trunk:
+            assert trunk is not None
             grabbed.update(trunk(input_ids.to(llm.device), layers, product_rows, lengths_fed))
         else:
             hooked_forward(input_ids, mask)

@@ -73,7 +73,14 @@ def in_fixed_row_blocks(product: Callable[[torch.Tensor], torch.Tensor], x: torc
     """
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
+    blocks = -(-n // rows)
     if n % rows:
-        flat = torch.cat([flat, flat.new_zeros(rows - n % rows, flat.shape[1])])
-    out = torch.cat([product(flat[start : start + rows]) for start in range(0, flat.shape[0], rows)])
+        padded = flat.new_empty(blocks * rows, flat.shape[1])
+        padded[:n] = flat
+        padded[n:] = 0
+        flat = padded
+    if blocks == 1:  # capture's batches fit one block: its output is used as it is, not copied
+        out = product(flat)
+    else:
+        out = torch.cat([product(flat[start : start + rows]) for start in range(0, flat.shape[0], rows)])
     return out[:n].reshape(*x.shape[:-1], out.shape[-1])

@@ -177,14 +177,17 @@ class LlamaTrunk:
         if lengths is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale, enable_gqa=gqa)
         out = torch.zeros_like(q)
-        by_length: dict[int, list[int]] = {}
-        for row, n in enumerate(lengths):
-            by_length.setdefault(n, []).append(row)
-        for n, rows in by_length.items():  # rows of one length together: the kernel is per row
-            index = torch.tensor(rows, device=q.device)
-            out[index, :, :n] = F.scaled_dot_product_attention(
-                q[index, :, :n], k[index, :, :n], v[index, :, :n], is_causal=n > 1, scale=self.scale, enable_gqa=gqa
+        start = 0
+        # Rows of one length together (the kernel is per row); capture sorts texts by length, so they are
+        # runs of neighbouring rows, attended as views rather than gathered copies.
+        for end in range(1, len(lengths) + 1):
+            if end < len(lengths) and lengths[end] == lengths[start]:
+                continue
+            n, rows = lengths[start], slice(start, end)
+            out[rows, :, :n] = F.scaled_dot_product_attention(
+                q[rows, :, :n], k[rows, :, :n], v[rows, :, :n], is_causal=n > 1, scale=self.scale, enable_gqa=gqa
             )
+            start = end
         return out
 
     @torch.inference_mode()

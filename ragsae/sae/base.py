@@ -21,6 +21,9 @@ from ..layout import SAE_CONFIG_FILE, SAE_FORMAT_VERSION, SAE_WEIGHTS_FILE
 from ..lm.linear import Linear
 from ..storage import atomic_folder, file_sha256, json_checksum, write_json_atomic
 
+SELECT_ROWS = 256
+"""Rows whose latents `encode` selects at a time (the results do not depend on it)."""
+
 
 class TopK(NamedTuple):
     """Sparse codes as (values, indices), each (n, k)."""
@@ -115,8 +118,15 @@ class SparseAutoencoder(nn.Module):
             values, indices = self.pre_acts(xn).topk(self.config.k, dim=1, sorted=False)
             return TopK(values, indices)
         low = self._encoder_product(select_dtype)((xn - self.b_dec).to(select_dtype))
-        indices = low.float().add_(self.b_enc).topk(self.config.k, dim=1, sorted=False).indices
-        return TopK(self.encode_selected(xn, indices), indices)
+        indices = torch.empty(len(xn), self.config.k, dtype=torch.long, device=xn.device)
+        values = torch.empty(len(xn), self.config.k, dtype=xn.dtype, device=xn.device)
+        # Row by row the same results; in slices of SELECT_ROWS rows the float32 pre-activations and the
+        # gathered encoder columns stay in cache instead of passing through memory.
+        for start in range(0, len(xn), SELECT_ROWS):
+            rows = slice(start, start + SELECT_ROWS)
+            indices[rows] = low[rows].float().add_(self.b_enc).topk(self.config.k, dim=1, sorted=False).indices
+            values[rows] = self.encode_selected(xn[rows], indices[rows])
+        return TopK(values, indices)
 
     def _encoder_product(self, dtype: torch.dtype) -> Linear:
         """x -> x @ W_enc with W_enc in `dtype` (prepacked on CPU in bfloat16: `lm/linear.py`), made once
