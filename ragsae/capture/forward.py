@@ -200,7 +200,7 @@ def capture(
         lengths_fed = [len(ids[i]) for i in batch] if batch_invariant else None
         use_trunk = trunk is not None and trunk.accepts(width)
         padded_rows = len(batch)
-        if use_trunk and not batch_invariant:  # few shapes (`bucket_rows`); right padding is never attended to
+        if trunk is not None and use_trunk and not batch_invariant:  # few shapes (`bucket_rows`); padding is never read
             padded_rows = bucket_rows(len(batch))
             rounded = -(-width // 8) * 8
             width = rounded if trunk.accepts(rounded) else width
