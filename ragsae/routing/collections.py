@@ -116,6 +116,15 @@ class Collections:
     every index's SAE. Load them with `Collections.load`, which loads the LLM once, or pass indexes loaded
     with `Index.load(path, llm=first.llm)`. Safe to search from several threads.
 
+    Each index keeps a signature (`signature.py`): 16 centroids (spherical k-means) of its live passages'
+    BM25 latent weights, each passage at unit length, computed on first use and kept until the index
+    changes; several, because the mean of a corpus of many subjects is close to none of them. A query's
+    routing score for an index is the highest cosine of its IDF-weighted code under that index's SAE with
+    one centroid, in [0, 1] whatever the SAE, so the scores of different indexes compare. `route="best"`
+    searches the best-scoring index, "top-n" the `n` best, "all" every one, none below `threshold`. Hit
+    scores of different indexes are not on one scale, so the merged hits take each index's rank-1 hit
+    first (best-routed index first), then the rank-2 hits; `Routed.by_index` has each index's own hits.
+
     Args:
         indexes: the indexes, at least one.
         names: a name per index (default: its folder's name, else "index0", "index1", ...).

@@ -47,6 +47,13 @@ PROFILE_KIND = "ragsae-profile"
 class Profile:
     """A sparse vector over one SAE's latents: what the passages a user read have in common.
 
+    The mean of the unit-length latent weights of the passages read (a document counts as the mean of its
+    passages); `update` first multiplies the weight of what the profile held by `decay` (1: a plain mean of
+    everything added, in any order). `Index.search(..., profile=p, weight=w)` multiplies each of the
+    query's latents by `1 + w * p_j / max(p)`: it reorders what matches the query towards what the user
+    read and adds no latent the query lacks. Saved as JSON, written atomically and checked on load
+    (format version, checksum, shapes, finite values).
+
     Build with `from_passages`, extend with `update`, keep with `save` / `load`; pass to `Index.search`
     (`profile=`, `weight=`). `update` changes the profile in place: do not update one that other threads
     are searching with.
