@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from conftest import load_benchmark_script
 
@@ -14,6 +15,7 @@ from ragsae.lm.linear import prepack
 capture_speed = load_benchmark_script("capture_speed")
 trim_gguf = load_benchmark_script("trim_gguf")
 milvus_quality = load_benchmark_script("milvus_quality")
+scale = load_benchmark_script("scale")
 
 
 def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collection, tmp_path):
@@ -97,3 +99,19 @@ def test_milvus_quality_compares_top_lists_rank_by_rank():
     missing = scores.copy()
     missing[0, 2] = -np.inf  # a hit the reference has and the served run lacks
     assert milvus_quality.agreement((scores, ids), (missing, ids), top=3)["max_score_difference"] == np.inf
+
+
+def test_scale_samples_rows_like_the_real_ones():
+    rng = np.random.default_rng(0)
+    mask = rng.random((400, 64)) < 0.6 * 0.93 ** np.arange(64)  # skewed latent frequencies
+    real = sp.csr_matrix(mask * rng.uniform(1.0, 2.0, mask.shape).astype(np.float32))
+    real = sp.vstack([real, sp.csr_matrix(np.ones((40, 64), dtype=np.float32) * 7.0)], format="csr")  # full rows
+    synthetic = scale.sample_weights(real, 3000, rng, chunk=700)
+    assert synthetic.shape == (3000, 64) and synthetic.dtype == np.float32 and synthetic.has_canonical_format
+    assert set(np.diff(synthetic.indptr).tolist()) <= set(np.diff(real.indptr).tolist())
+    assert abs(np.diff(synthetic.indptr).mean() - np.diff(real.indptr).mean()) < 1.0
+    real_df, got_df = np.diff(real.tocsc().indptr) / 440, np.diff(synthetic.tocsc().indptr) / 3000
+    assert np.corrcoef(real_df, got_df)[0, 1] > 0.95
+    values = {j: set(real[:, j].data.tolist()) for j in range(64)}
+    coo = synthetic.tocoo()
+    assert all(v in values[j] for j, v in zip(coo.col.tolist(), coo.data.tolist()))
