@@ -301,27 +301,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     rag = RAG(target, k=args.k, max_new_tokens=args.max_new_tokens, min_support=args.min_support, **routing)
     answer = rag.ask(question)
     if args.json:
-        print(json.dumps(answer_dict(answer), indent=2, ensure_ascii=False))
+        print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
         return 0
     if answer.routing is not None:
         print_routing(answer.routing)
         answer = dataclasses.replace(answer, routing=None)  # shown above, as `search` shows it, not twice
     print(f"Q: {answer.question}\nA: {answer.format()}")
     return 0
-
-
-def answer_dict(answer: Any) -> dict[str, Any]:
-    """An `Answer` as JSON: what `ragsae ask --json` prints (the hits as `search --json` prints them)."""
-    return {
-        "question": answer.question,
-        "answer": answer.text,
-        "answered": answer.answered,
-        "retrieved": answer.retrieved,
-        "routing": answer.routing,
-        "support": answer.support,
-        "citations": answer.citations,
-        "hits": [dataclasses.asdict(hit) for hit in answer.hits],
-    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import queue
 import re
 import threading
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import scipy.sparse as sp
@@ -53,6 +53,19 @@ class Answer:
 
     def sources(self) -> list[Hit]:
         return [self.hits[n - 1] for n in self.citations]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The answer as JSON (`ragsae ask --json`), its hits as `ragsae search --json` prints them."""
+        return {
+            "question": self.question,
+            "answer": self.text,
+            "answered": self.answered,
+            "retrieved": self.retrieved,
+            "routing": self.routing,
+            "support": self.support,
+            "citations": self.citations,
+            "hits": [asdict(hit) for hit in self.hits],
+        }
 
     def format(self) -> str:
         """Answer followed by its numbered sources, for terminals."""

@@ -198,20 +198,19 @@ def capture(
     for batch in tqdm(batches, desc=f"capture L{layers}", disable=not progress):
         width = max(len(ids[i]) for i in batch)
         lengths_fed = [len(ids[i]) for i in batch] if batch_invariant else None
-        use_trunk = trunk is not None and trunk.accepts(width)
+        batch_trunk = trunk if trunk is not None and trunk.accepts(width) else None
         padded_rows = len(batch)
-        if trunk is not None and use_trunk and not batch_invariant:  # few shapes (`bucket_rows`); padding is never read
+        if batch_trunk is not None and not batch_invariant:  # few shapes (`bucket_rows`); padding is never read
             padded_rows = bucket_rows(len(batch))
             rounded = -(-width // 8) * 8
-            width = rounded if trunk.accepts(rounded) else width
+            width = rounded if batch_trunk.accepts(rounded) else width
         input_ids = torch.full((padded_rows, width), pad, dtype=torch.long)
         mask = torch.zeros((padded_rows, width), dtype=torch.long)
         for row, i in enumerate(batch):
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
-        if use_trunk:
-            assert trunk is not None
-            grabbed.update(trunk(input_ids.to(llm.device), layers, product_rows, lengths_fed))
+        if batch_trunk is not None:
+            grabbed.update(batch_trunk(input_ids.to(llm.device), layers, product_rows, lengths_fed))
         else:
             hooked_forward(input_ids, mask)
         for layer in layers:
