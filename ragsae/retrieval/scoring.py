@@ -139,10 +139,16 @@ def inverted_index(doc_weights: sp.csr_matrix) -> sp.csr_matrix:
 def sparse_search(query_weights: sp.csr_matrix, postings: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner products of sparse queries (nq, m) with the passages of `postings` (m, n); best k per query.
 
-    Only the posting lists of the query's latents are read (term-at-a-time over an inverted index).
+    Only the posting lists of the queries' latents are read (term-at-a-time over an inverted index), and
+    their products are summed into a dense score array per query: a sparse-sparse product would build a
+    sparse result that touches nearly every passage, about four times slower on 500k passages. Latents
+    are added in ascending order either way, so the scores are the same to the bit.
     """
-    scores = (query_weights @ postings).toarray()
-    return top_k(scores, k)
+    queries = query_weights.tocsr()
+    latents = np.unique(queries.indices)
+    per_latent = queries[:, latents].toarray().T  # (latents, nq)
+    scores = np.asarray(postings[latents].T @ per_latent).T  # postings[latents].T is (n, latents) CSC
+    return top_k(np.ascontiguousarray(scores), k)
 
 
 def row_norms(matrix: sp.csr_matrix) -> np.ndarray:
