@@ -1,7 +1,7 @@
 """ragsae: retrieval-augmented generation over sparse autoencoder codes of an LLM's activations."""
 
 from ._version import __version__
-from .config import BuildConfig, CaptureConfig, LlmConfig, SaeConfig, ScoringConfig
+from .config import BuildConfig, CaptureConfig, LlmConfig, RayBuild, SaeConfig, ScoringConfig
 from .errors import (
     ConfigError,
     CorpusError,
@@ -37,6 +37,7 @@ __all__ = [
     "Profile",
     "QueryError",
     "RagsaeError",
+    "RayBuild",
     "SaeConfig",
     "SaeLoadError",
     "ScoringConfig",

@@ -26,6 +26,7 @@ from .config import (
     BuildConfig,
     CaptureConfig,
     LlmConfig,
+    RayBuild,
     SaeConfig,
     SanitizeConfig,
     ScoringConfig,
@@ -181,6 +182,48 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     )
 
 
+RAY_OPTIONS = {
+    "address": "--ray-address",
+    "workers": "--ray-workers",
+    "cpus_per_worker": "--ray-cpus-per-worker",
+    "sae_sample_tokens": "--sae-sample-tokens",
+    "shard_passages": "--ray-shard-passages",
+}
+"""RayBuild fields settable from `ragsae build`, with their flags (they take effect with --ray)."""
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed build (pip install 'ragsae[ray]')")
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="capture and encode shards of the corpus on Ray workers, each loading the LLM and SAE once "
+        "(the SAE, unless --sae is given, is trained first on a sample of --sae-sample-tokens tokens)",
+    )
+    docs, defaults = field_docs(RayBuild), RayBuild()
+    for name, flag in RAY_OPTIONS.items():
+        default = getattr(defaults, name)
+        group.add_argument(
+            flag,
+            dest=f"ray_{name}",
+            type=str if name == "address" else int,
+            default=default,
+            metavar="ADDRESS" if name == "address" else "N",
+            help=f"{docs[name]} (default: {'a local Ray' if default is None else default})".replace("%", "%%"),
+        )
+
+
+def ray_build(args: argparse.Namespace) -> RayBuild | None:
+    """The RayBuild of `ragsae build`'s flags; None without --ray (a Ray flag alone is an error)."""
+    given = {name: getattr(args, f"ray_{name}") for name in RAY_OPTIONS}
+    if not args.ray:
+        changed = [RAY_OPTIONS[name] for name, value in given.items() if value != getattr(RayBuild(), name)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)}: only with --ray")
+        return None
+    return RayBuild(**given)
+
+
 def build_config(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(
         llm=config_from_args(LlmConfig, args),
@@ -215,6 +258,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=True,
         backend=args.backend,
         uri=args.uri,
+        ray=ray_build(args),
     )
     print(json.dumps(index.info(), indent=2))
     return 0
@@ -583,6 +627,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_build_args(p)
     add_sanitize_args(p)
+    add_ray_args(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser(

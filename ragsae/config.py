@@ -358,6 +358,31 @@ class DriftConfig:
 
 
 @dataclass(frozen=True)
+class RayBuild:
+    """How a build is spread over Ray workers (`Index.build(ray=...)`, `ragsae build --ray`)."""
+
+    address: str | None = None
+    """The Ray cluster to join ('auto': the one `ray start` runs on this node; 'ray://host:10001': a
+    remote head); None starts a local Ray for the build and stops it after."""
+    workers: int = 2
+    """Worker actors, each loading the LLM and the SAE once."""
+    cpus_per_worker: int = 1
+    """CPUs each worker reserves, and its torch threads."""
+    sae_sample_tokens: int = 1_000_000
+    """When no SAE is given: tokens of passages (a seeded random sample of whole passages, all of them
+    in a smaller corpus) that the driver captures and trains the SAE on before the workers start."""
+    shard_passages: int = 256
+    """Passages per shard (cut at document boundaries): small enough to share the work out evenly,
+    large enough that each shard fills the capture's batches."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("workers", "cpus_per_worker", "sae_sample_tokens", "shard_passages"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"RayBuild.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything `Index.build` needs, grouped per stage."""
 

@@ -16,6 +16,7 @@ capture_speed = load_benchmark_script("capture_speed")
 trim_gguf = load_benchmark_script("trim_gguf")
 milvus_quality = load_benchmark_script("milvus_quality")
 scale = load_benchmark_script("scale")
+distributed = load_benchmark_script("distributed")
 
 
 def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collection, tmp_path):
@@ -115,3 +116,47 @@ def test_scale_samples_rows_like_the_real_ones():
     values = {j: set(real[:, j].data.tolist()) for j in range(64)}
     coo = synthetic.tocoo()
     assert all(v in values[j] for j, v in zip(coo.col.tolist(), coo.data.tolist()))
+
+
+def test_distributed_estimate_scales_the_shards_stage_down_to_the_reduction_floor():
+    same = {"same_nonzeros": True, "max_relative_difference": 0.0, "same_top10": 1.0}
+    runs = [
+        {"name": "process, 1 thread", "kind": "process", "threads": 1, "total_s": 100.0, **same},
+        {
+            "name": "ray, 1 worker",
+            "kind": "ray",
+            "workers": 1,
+            "total_s": 110.0,
+            "ready_s": 4.0,
+            "shards_s": 96.0,
+            "reduce_s": 1.0,
+            **same,
+        },
+        {
+            "name": "ray, 2 workers",
+            "kind": "ray",
+            "workers": 2,
+            "total_s": 74.0,
+            "ready_s": 4.0,
+            "shards_s": 60.0,
+            "reduce_s": 1.5,
+            **same,
+        },
+    ]
+    estimate = distributed.estimate(runs)
+    assert estimate["efficiency_1_to_2"] == pytest.approx(0.8)  # 96 / (2 * 60)
+    assert estimate["fixed_s"] == pytest.approx(14.0)
+    assert estimate["total_s"][4] == pytest.approx(14.0 + 96.0 / (4 * 0.8))
+    assert estimate["total_s"][64] == pytest.approx(14.0 + 96.0 / (64 * 0.8))
+    assert distributed.estimate(runs[:2]) is None  # needs the 1- and 2-worker runs
+    result = {
+        "dataset": "d",
+        "passages": 10,
+        "runs": runs,
+        "estimate": estimate,
+        "command": "c",
+        "commit": "x",
+        "machine": {"cpu": "cpu", "cpus": 2},
+    }
+    table = distributed.markdown(result)
+    assert "| ray, 2 workers | 74.0 | 4.0 | 60.0 | 1.5 | 10.0 | 1.35 |" in table

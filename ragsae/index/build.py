@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from ..capture import ActivationCache, TokenActivations, check_layer
-from ..config import BuildConfig, CaptureConfig
+from ..config import BuildConfig, CaptureConfig, RayBuild
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
-from ..errors import TrainingError
-from ..latents import DescribeSettings, LatentCatalog, LatentStatistics, catalog_of, passage_tokens
+from ..errors import ConfigError, TrainingError
+from ..latents import DescribeSettings, LatentCatalog, catalog_of
 from ..lm import LoadedLlm, load_llm
 from ..lm.loading import check_declared_layer
 from ..sae import SparseAutoencoder, TrainReport, load_sae
 from ..text import Audit, Document, Passage, SanitizedText, Sanitizer, load_documents, split_passages
+from .distributed import encode_on_ray, pool_and_count, sample_passages
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def encode_corpus(
     progress: bool = False,
     sanitizer: Sanitizer | None = None,
     describe: bool = True,
+    ray: RayBuild | None = None,
 ) -> BuiltCodes:
     """Split a corpus into passages, capture them, train an SAE on them unless one is given (an
     `SparseAutoencoder` or its folder), and pool every passage's codes.
@@ -123,8 +125,15 @@ def encode_corpus(
     With a `sanitizer` (`config.sanitize.mode` not 'off'), documents are sanitised before they are
     split, so the LLM, the SAE and the codes only see placeholders; the passages returned are what
     `config.sanitize.store_text` keeps. The corpus and a given SAE folder are read before the LLM
-    loads, so that bad input fails fast.
+    loads, so that bad input fails fast. With `ray`, shards are captured and encoded by Ray workers
+    (`distributed`), after the SAE is trained here on a sample when none is given.
     """
+    if ray is not None and cache_dir:
+        raise ConfigError("cache_dir: a distributed build caches no activations (the workers capture their shards)")
+    if ray is not None and sae is None and ray.sae_sample_tokens < config.sae.batch_size:
+        raise ConfigError(
+            f"sae_sample_tokens {ray.sae_sample_tokens} is below one SAE training batch ({config.sae.batch_size})"
+        )
     documents = load_documents(corpus, skip_empty=skip_empty)
     given = sae if isinstance(sae, SparseAutoencoder) else (load_sae(sae) if sae is not None else None)
     if llm is None:
@@ -140,6 +149,8 @@ def encode_corpus(
         logger.info("sanitised %d of %d documents: %s", prepared.audit.changed, len(documents), prepared.audit.counts)
     if given is None:
         check_enough_tokens(llm, prepared.read, config)
+    if ray is not None:
+        return encode_on_workers(llm, config, prepared, given, describe, ray, progress)
     cache = ActivationCache(cache_dir) if cache_dir else None
     texts = prepared.texts
     acts = passage_activations(llm, texts, config.capture, cache, progress)
@@ -151,17 +162,51 @@ def encode_corpus(
     return BuiltCodes(encoder, prepared.stored, pooled, config, report, prepared.audit, catalog)
 
 
+def encode_on_workers(
+    llm: LoadedLlm,
+    config: BuildConfig,
+    prepared: PreparedPassages,
+    sae: SparseAutoencoder | None,
+    describe: bool,
+    ray: RayBuild,
+    progress: bool,
+) -> BuiltCodes:
+    """`encode_corpus`'s capture and encoding on Ray workers; the SAE, when not given, is trained here
+    first on a sample of the passages (`RayBuild.sae_sample_tokens`) and then frozen."""
+    report = None
+    if sae is None:
+        rows = sample_passages(llm, prepared.read, config.capture, ray.sae_sample_tokens, config.sae.seed)
+        texts = [prepared.read[row].text for row in rows]
+        acts = passage_activations(llm, texts, config.capture, None, progress)
+        sae, report = fit_sae(llm, texts, acts, config.capture, config.sae, progress)
+        logger.info("SAE trained on %d of %d passages (%d tokens)", len(rows), len(prepared.read), len(acts.values))
+    sae = sae.cpu().eval()
+    settings = DescribeSettings()
+    pooled, stats = encode_on_ray(
+        llm,
+        config.llm,
+        prepared.read,
+        config.capture,
+        config.scoring.pooling,
+        sae,
+        describe,
+        settings.top_contexts,
+        ray,
+        progress,
+    )
+    encoder = CodeEncoder(llm, sae.to(llm.device), config.capture, config.scoring.pooling)
+    catalog = None if stats is None else catalog_of(stats, llm, encoder.sae, prepared.read, config.capture, settings)
+    return BuiltCodes(encoder, prepared.stored, pooled, config, report, prepared.audit, catalog)
+
+
 def pool_and_describe(
     encoder: CodeEncoder, passages: list[Passage], acts: TokenActivations, describe: bool, progress: bool
 ) -> tuple[PooledCodes, LatentCatalog | None]:
     """Pooled codes of captured passages and, with `describe`, the catalog of the SAE's latents on them
     (gathered from the same token codes: no second SAE pass). `passages` are what the LLM read."""
-    if not describe:
-        return encoder.pool_activations(acts, progress=progress), None
-    texts = [p.text for p in passages]
-    stats = LatentStatistics(
-        encoder.sae.num_latents, passage_tokens(encoder.llm, texts, encoder.capture), [p.doc_id for p in passages]
-    )
-    pooled = encoder.pool_activations(acts, progress=progress, observe=stats.add)
-    catalog = catalog_of(stats, encoder.llm, encoder.sae, passages, encoder.capture, DescribeSettings())
-    return pooled, catalog
+    settings = DescribeSettings()
+    texts, doc_ids = [p.text for p in passages], [p.doc_id for p in passages]
+    pooled, stats = pool_and_count(encoder, texts, doc_ids, acts, describe, settings.top_contexts, progress)
+    if stats is None:
+        return pooled, None
+    return pooled, catalog_of(stats, encoder.llm, encoder.sae, passages, encoder.capture, settings)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..config import BuildConfig, SanitizeConfig, SearchMode, to_dict
+from ..config import BuildConfig, RayBuild, SanitizeConfig, SearchMode, to_dict
 from ..encode import CodeEncoder, PooledCodes, check_sae_matches, fit_sae, passage_activations
 from ..errors import ConfigError, CorpusError, IndexFolderError, QueryError
 from ..latents import Explanation, LatentCatalog, explain_query
@@ -251,6 +251,7 @@ class Index:
         describe_latents: bool = True,
         backend: str = "csr",
         uri: str | None = None,
+        ray: RayBuild | None = None,
     ) -> Index:
         """Split, capture, (train an SAE,) encode and index a corpus; saved to `path` when given.
 
@@ -265,6 +266,9 @@ class Index:
             uri: the Milvus to use: a Milvus Lite file ('file.db') or a server ('http://host:19530');
                 None: `milvus.db` inside the index folder. Credentials in the URL are used, never saved
                 (`$RAGSAE_MILVUS_TOKEN` gives them to later loads).
+            ray: capture and encode on Ray workers (`RayBuild`: a local Ray or a cluster; the SAE, when
+                not given, is trained first on a sample of the passages); the index is the one a
+                single process builds with that SAE. Not with `cache_dir`.
         """
         config = config or BuildConfig()
         if backend not in BACKENDS:
@@ -282,7 +286,9 @@ class Index:
                 sae = Index.current_sae_folder(sae)
         salt = new_index_salt(config.sanitize)
         sanitizer = Sanitizer(config.sanitize, salt) if config.sanitize.mode != "off" else None
-        built = encode_corpus(corpus, config, sae, llm, skip_empty, cache_dir, progress, sanitizer, describe_latents)
+        built = encode_corpus(
+            corpus, config, sae, llm, skip_empty, cache_dir, progress, sanitizer, describe_latents, ray
+        )
         index = cls.from_codes(
             built.encoder, built.passages, built.pooled, built.config, built.sae_report, built.catalog
         )

@@ -182,6 +182,33 @@ class LatentStatistics:
         picked = top_per_group(cand_lat, cand_val, groups, self.n_docs, self.keep)
         self.top = (cand_lat[picked], cand_val[picked], cand_row[picked])
 
+    def merge(self, part: LatentStatistics, first_passage: int) -> None:
+        """Add the statistics of passages first_passage:first_passage+len(part) gathered separately (a
+        shard encoded by another process), in order like `add`. The shard must hold whole documents, so
+        that "one context per document" holds across shards; the result is what `add` over the same
+        codes gives."""
+        first_row = int(self.tokens.offsets[first_passage])
+        if first_row != self.rows_seen:
+            raise ValueError(f"token rows must come in order: expected row {self.rows_seen}, got {first_row}")
+        if part.num_latents != self.num_latents or part.keep != self.keep:
+            raise ValueError("statistics of another SAE width or number of contexts")
+        self.rows_seen += part.rows_seen
+        self.token_fires += part.token_fires
+        self.passage_fires += part.passage_fires
+        seen = part.last_passage >= 0
+        self.last_passage[seen] = part.last_passage[seen] + first_passage
+        self.activation_sum += part.activation_sum
+        self.histogram += part.histogram
+        pairs = part.pairs.tocsr()
+        self.pairs = self.pairs + sp.csr_matrix((pairs.data, pairs.indices, pairs.indptr), shape=self.pairs.shape)
+        top_lat, top_val, top_row = self.top
+        cand_lat = np.concatenate([top_lat, part.top[0]])
+        cand_val = np.concatenate([top_val, part.top[1]])
+        cand_row = np.concatenate([top_row, part.top[2] + first_row])
+        groups = self.doc_index[self.passage_of_row[cand_row]]
+        picked = top_per_group(cand_lat, cand_val, groups, self.n_docs, self.keep)
+        self.top = (cand_lat[picked], cand_val[picked], cand_row[picked])
+
 
 def unembedding(llm: LoadedLlm) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The LM's output embedding (vocab, d_model) and its final norm's weight (d_model,) if it has one
