@@ -11,12 +11,14 @@ questions about standard-library modules of `benchmarks/routing_stdlib_questions
 benchmark, one module named per question). Each query's right answer is the index of its own collection;
 each is routed to one of the three by
 
-- sae: `Collections.route`, the highest cosine of the query's IDF-weighted code under each index's SAE
-  with one of the centroids of that index's signature (k-means centroids of its passages' unit-length
-  latent weights; `ragsae/routing/signature.py`), one LLM capture per batch of queries for the three;
-- sae-centroid: for comparison, the same with one centroid per index (the mean of its passages);
-- sae-support: for comparison, the same codes matched against each index's best passage instead of its
-  signature (`RAG.support`: cosine of the IDF-weighted code with the top passage's latent weights);
+- sae: `Collections.route` (`routing_score`), the geometric mean of the two next signals, one LLM capture
+  per batch of queries for the three indexes;
+- sae-signature: the highest cosine of the query's IDF-weighted code under each index's SAE with one of
+  the centroids of that index's signature (k-means centroids of its passages' unit-length latent
+  weights; `ragsae/routing/signature.py`);
+- sae-support: the same codes matched against each index's best passage instead of its signature
+  (`RAG.support`: cosine of the IDF-weighted code with the top passage's latent weights);
+- sae-centroid: for comparison, the signature with one centroid per index (the mean of its passages);
 - bm25: bm25s (English stopwords) over each index's live passages, the index whose best passage scores
   highest;
 - minilm: all-MiniLM-L6-v2 embeddings of each index's live passages, the index whose centroid has the
@@ -53,15 +55,15 @@ from ragsae.bench.metrics import evaluate
 from ragsae.cli import DEFAULT_DEMO_INDEX
 from ragsae.index import Index
 from ragsae.provenance import command_line, machine
-from ragsae.routing import Collections, Profile, compute_signature, signature
+from ragsae.routing import Collections, Profile, compute_signature, routing_score, signature
 from ragsae.storage import save_npy_atomic, write_json_atomic, write_text_atomic
 from ragsae.text import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 STDLIB_QUESTIONS = Path(__file__).resolve().parent / "routing_stdlib_questions.jsonl"
-METHODS = ("sae", "sae-centroid", "sae-support", "bm25", "minilm")
-SAE_METHODS = ("sae", "sae-centroid", "sae-support")
+METHODS = ("sae", "sae-signature", "sae-support", "sae-centroid", "bm25", "minilm")
+SAE_METHODS = ("sae", "sae-signature", "sae-support", "sae-centroid")
 
 
 # --- queries -------------------------------------------------------------------------------------
@@ -99,15 +101,17 @@ def live_texts(index: Index) -> list[str]:
 def route_sae(
     collections: Collections, texts: list[str], batch: int = 32
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Routing scores by signature ('sae', as `Collections.route`), by one centroid per index
-    ('sae-centroid') and by best-passage support ('sae-support'), from one capture per batch of queries."""
+    """Routing scores as `Collections.route` ('sae'), by signature alone ('sae-signature'), by
+    best-passage support alone ('sae-support') and by one centroid per index ('sae-centroid'), from one
+    capture per batch of queries."""
     start, captures = time.perf_counter(), collections.captures
     single = {name: compute_signature(index, clusters=1) for name, index in collections}
     found: dict[str, list[np.ndarray]] = {method: [] for method in SAE_METHODS}
     for lo in range(0, len(texts), batch):
         codes = collections.encode_queries(texts[lo : lo + batch])
         for method, match in (
-            ("sae", lambda name, index: signature(index).match(codes[name])),
+            ("sae", lambda name, index: routing_score(index, codes[name])),
+            ("sae-signature", lambda name, index: signature(index).match(codes[name])),
             ("sae-centroid", lambda name, index: single[name].match(codes[name])),
             ("sae-support", lambda name, index: best_support(index, codes[name])),
         ):

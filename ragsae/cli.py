@@ -586,8 +586,8 @@ def add_routing_args(parser: argparse.ArgumentParser, text_name: str) -> None:
         "--threshold",
         type=float,
         default=0.0,
-        help="with --index: search no index whose routing score (cosine with its signature, 0..1) is below this "
-        "(default: 0, every index may be searched)",
+        help="with --index: search no index whose routing score (signature match and best-passage support, "
+        "0..1) is below this (default: 0, every index may be searched)",
     )
 
 

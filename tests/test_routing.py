@@ -66,7 +66,12 @@ def test_collections_share_one_llm_and_encode_each_batch_from_one_capture(collec
     routing = collections.route(QUERIES)
     assert collections.captures == before + 2
     for name, index in collections:
-        expected = signature(index).match(index.encode_queries(QUERIES))
+        own = index.encode_queries(QUERIES)
+        weights = index.retriever.scaled(own)
+        every = index.retriever.rows(np.arange(len(index.passages)))
+        best = np.asarray((weights @ every.T).todense()).argmax(axis=1)  # the best passage, by brute force
+        support = index.retriever.support(weights, best)
+        expected = np.sqrt(signature(index).match(own) * support)  # signature match and best-passage support
         assert [row[name] for row in routing] == pytest.approx(expected.tolist(), abs=1e-12)
         assert all(0 <= row[name] <= 1 + 1e-9 for row in routing)
     # Routing and searching every index, several queries: still one capture.

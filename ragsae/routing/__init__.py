@@ -2,7 +2,7 @@
 indexes whose latent signature it matches, or to none; and user profiles over an index's latents that
 re-weight queries (`Profile`)."""
 
-from .collections import ROUTES, Collections, Routed, RoutedHit, check_route, choose
+from .collections import ROUTES, Collections, Routed, RoutedHit, check_route, choose, routing_score
 from .profile import Profile, sae_fingerprint
 from .signature import Signature, compute_signature, signature, spherical_kmeans, unit_passages
 
@@ -16,6 +16,7 @@ __all__ = [
     "check_route",
     "choose",
     "compute_signature",
+    "routing_score",
     "sae_fingerprint",
     "signature",
     "spherical_kmeans",

@@ -1,9 +1,10 @@
 """`Collections`: several indexes over one LLM, a query routed to those whose signature it matches.
 
 A query is captured through the shared LLM once; each index's SAE encodes those activations into its own
-codes (`CodeEncoder.pool_activations`), which give its routing score (`Signature.match`) and, where the
-index is chosen, its search. Scores of indexes with different SAEs are comparable because each is a
-cosine in [0, 1] (`signature.py`); hit scores are not, so the hits of several indexes are merged by rank.
+codes (`CodeEncoder.pool_activations`), which give its routing score (`routing_score`: signature match and
+best-passage support) and, where the index is chosen, its search. Scores of indexes with different SAEs are
+comparable because both parts are cosines in [0, 1] (`signature.py`); hit scores are not, so the hits of
+several indexes are merged by rank.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Routed:
 
     query: str
     routing: dict[str, float]
-    """Every index's routing score (`Signature.match`: highest cosine of the query's code with one of the
-    centroids of the index's signature), in collection order."""
+    """Every index's routing score in [0, 1] (`routing_score`: the query's match with the index's
+    signature and its support by the index's best passage), in collection order."""
     chosen: list[str]
     """The indexes searched, best routing score first; empty when none reached the threshold."""
     hits: list[RoutedHit]
@@ -212,13 +213,13 @@ class Collections:
         return {name: codes[name] for name in self.names}
 
     def route(self, queries: list[str]) -> list[dict[str, float]]:
-        """Each query's routing score per index (`Signature.match` of its code under the index's SAE)."""
+        """Each query's routing score per index (`routing_score` of its code under the index's SAE)."""
         queries = list(queries)
         check_queries(dict(enumerate(queries)))
         return self._scores(self.encode_queries(queries), len(queries)) if queries else []
 
     def _scores(self, codes: dict[str, sp.csr_matrix], nq: int) -> list[dict[str, float]]:
-        matched = {name: signature(index).match(codes[name]) for name, index in self}
+        matched = {name: routing_score(index, codes[name]) for name, index in self}
         return [{name: float(matched[name][row]) for name in self.names} for row in range(nq)]
 
     # --- searching -----------------------------------------------------------------------------
@@ -273,6 +274,20 @@ class Collections:
                 {name: codes[name][row] for name in self.names},
             )
         return results
+
+
+def routing_score(index: Index, codes: sp.csr_matrix) -> np.ndarray:
+    """(n_queries,) how well each query's pooled code (under the index's SAE) belongs to the index: the
+    geometric mean of two cosines in [0, 1], its match with the index's signature (the subject of the
+    corpus) and its support by the index's best passage for it (`Retriever.support`: a passage that
+    shares the query's specific latents). Either alone confuses a collection that is broad (the best
+    passage of a large general corpus supports many off-subject questions) or narrow (a centroid of
+    few subjects matches little); a query must score on both (`benchmarks/routing.py` compares them)."""
+    retriever = index.retriever
+    weights = retriever.scaled(codes)
+    _, best = retriever.sparse.search(weights, 1)
+    support = retriever.support(weights, best[:, 0])
+    return np.sqrt(signature(index).match(codes) * np.clip(support, 0.0, 1.0))
 
 
 def check_queries(queries: dict[Any, Any]) -> None:

@@ -93,7 +93,7 @@ class RoutedSearchResponse(SearchResponse):
     mode: str | None  # type: ignore[assignment]
     """The mode asked for, else the indexes' own mode; null when their modes differ (each used its own)."""
     routing: dict[str, float]
-    """Every index's routing score for the query (a cosine in [0, 1]), by name."""
+    """Every index's routing score for the query (in [0, 1]: `routing_score`), by name."""
     chosen: list[str]
     """The indexes searched, best routing score first."""
     retrieved: bool
@@ -590,7 +590,7 @@ def create_app(index: Index | Collections, rag: RAG | None = None, config: Servi
         top_n: int = Field(service_rag.route_n, strict=True, ge=1)
         """Indexes searched with route 'top-n'."""
         threshold: Number = service_rag.threshold
-        """Search no index whose routing score (a cosine in [0, 1]) is below this; none reaching it: no hits."""
+        """Search no index whose routing score (in [0, 1]: `routing_score`) is below this; none reaching it: no hits."""
 
     class RoutedSearchRequest(SearchRequest, RouteFields):
         """A query to route among the service's indexes and search in those chosen."""
