@@ -27,6 +27,12 @@ each is routed to one of the three by
 Reported: accuracy over all queries, per collection (recall), their mean (macro), and each method's
 confusion matrix; for the SAE methods, the median routing score of the right index and of the best wrong one.
 
+End to end: each judged query of msmarco-5k and cranfield searched, one at a time, in its own index alone
+(the upper bound), routed to the best index (`Collections.search`, route='best'), and in all three with
+their hits merged by rank (route='all'); nDCG@10 with one hit per document (a document of another
+collection counts as not relevant), and the p50 latency of the routed and the all-index search, LLM
+capture included.
+
 Personalisation: for each judged query of msmarco-5k and cranfield with at least `--min-judged` relevant
 documents, the relevant documents are shuffled (seeded) and split in half; a `Profile` is built from the
 first half, and the query is searched in its own index with `profile=` at each `--weights` value (0 is the
@@ -186,6 +192,42 @@ def summary(scores: np.ndarray, truth: list[int], names: list[str]) -> dict[str,
     }
 
 
+# --- end to end ------------------------------------------------------------------------------------
+SEARCHES = {"right index only": None, "routed (best)": "best", "all three, merged by rank": "all"}
+"""The searches compared end to end: the query's own index alone (the upper bound), `Collections` with
+route='best', and with route='all' (hits of the three interleaved by rank, `Collections.search`)."""
+
+
+def end_to_end(collections: Collections, beir: dict[str, Any], limit: int | None, seed: int) -> dict[str, Any]:
+    """nDCG@10 (one hit per document) of each of `SEARCHES` over the judged queries of each BEIR
+    collection, and the single-query latency of routed against all-index search (capture included)."""
+    rng = np.random.default_rng(seed)
+    result: dict[str, Any] = {}
+    timings: dict[str, list[float]] = {"best": [], "all": []}
+    for name, (_, queries, qrels) in beir.items():
+        qids = sorted(queries)
+        rng.shuffle(qids)
+        qids = qids[:limit]
+        # Documents named by index, so that a document of another collection never matches a judgment.
+        judged = {qid: {f"{name}/{d}": g for d, g in qrels[qid].items()} for qid in qids}
+        ndcg = {}
+        for label, route in SEARCHES.items():
+            run: dict[str, dict[str, float]] = {}
+            for qid in qids:
+                if route is None:
+                    hits = [(name, h) for h in collections[name].search(queries[qid], k=10, per_doc=True)]
+                else:
+                    start = time.perf_counter()
+                    routed = collections.search(queries[qid], k=10, route=route, per_doc=True)
+                    timings[route].append(time.perf_counter() - start)
+                    hits = [(h.index, h) for h in routed.hits]
+                run[qid] = {f"{index}/{h.doc_id}": 1.0 / (rank + 1) for rank, (index, h) in enumerate(hits)}
+            ndcg[label] = evaluate(run, judged)["aggregate"]["nDCG@10"]
+        result[name] = {"queries": len(qids), "ndcg@10": ndcg}
+    result["latency_ms_p50"] = {route: float(np.median(t) * 1e3) for route, t in timings.items()}
+    return result
+
+
 # --- personalisation -----------------------------------------------------------------------------
 def personalisation(
     index: Index,
@@ -260,6 +302,26 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{method} routing scores: median {fmt(row['median_score_right'])} for the right index, "
                 f"{fmt(row['median_score_best_wrong'])} for the best wrong one.",
             ]
+    if result.get("end_to_end"):
+        e2e = result["end_to_end"]
+        beir_names = [n for n in names if n in e2e]
+        lines += [
+            "",
+            "## End to end",
+            "",
+            "| collection | queries | " + " | ".join(f"nDCG@10 {label}" for label in SEARCHES) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in SEARCHES) + " |",
+        ]
+        for name in beir_names:
+            row = e2e[name]
+            values = " | ".join(fmt(row["ndcg@10"][label]) for label in SEARCHES)
+            lines.append(f"| {name} | {row['queries']} | {values} |")
+        latency = e2e["latency_ms_p50"]
+        lines += [
+            "",
+            f"Single-query latency p50, capture included: routed {latency['best']:.1f} ms, all three "
+            f"{latency['all']:.1f} ms.",
+        ]
     if result.get("personalisation"):
         weights = result["weights"]
         lines += [
@@ -350,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": weights,
         "per_query": [{**q, **{m: [float(s) for s in scores[m][i]] for m in methods}} for i, q in enumerate(pooled)],
     }
+    result["end_to_end"] = end_to_end(collections, beir, args.limit, args.seed)
     if not args.no_personalisation:
         result["personalisation"] = {
             name: personalisation(collections[name], *beir[name][1:], weights, args.min_judged, args.limit, args.seed)

@@ -17,6 +17,7 @@ trim_gguf = load_benchmark_script("trim_gguf")
 milvus_quality = load_benchmark_script("milvus_quality")
 scale = load_benchmark_script("scale")
 distributed = load_benchmark_script("distributed")
+personalisation = load_benchmark_script("personalisation")
 
 
 def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collection, tmp_path):
@@ -160,3 +161,12 @@ def test_distributed_estimate_scales_the_shards_stage_down_to_the_reduction_floo
     }
     table = distributed.markdown(result)
     assert "| ray, 2 workers | 74.0 | 4.0 | 60.0 | 1.5 | 10.0 | 1.35 |" in table
+
+
+def test_personalisation_pairs_are_words_spread_over_topics_with_a_minority_in_the_users():
+    # 12 documents in 4 topics: "engine" is in 10 documents of 3 topics (topic 0 has 4 of them: at most
+    # half, at least 3), "pasta" in topic 2 only, "rare" in too few documents.
+    topic = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3])
+    words = [{"engine"}] * 4 + [{"engine"}] * 3 + [{"engine", "pasta"}] * 3 + [{"rare"}, {"pasta"}]
+    pairs = personalisation.ambiguous_pairs(words, topic)
+    assert pairs == [(0, "engine"), (1, "engine"), (2, "engine")]

@@ -17,6 +17,7 @@ from ragsae.generate import NOT_COVERED, RAG
 from ragsae.retrieval.scoring import row_norms
 from ragsae.routing import RoutedHit, compute_signature, signature, spherical_kmeans, unit_passages
 from ragsae.routing.collections import choose
+from ragsae.routing.profile import EXPAND_FRACTION, EXPAND_LATENTS
 
 KITCHEN_DOCS = [
     {"_id": "bread", "text": "Knead the dough for ten minutes, let it rise, then bake the loaf until golden."},
@@ -169,10 +170,17 @@ def test_profile_weight_zero_is_exactly_the_plain_search(indexes):
     assert docs.batch_search(QUERIES, k=4, profile=profile, weight=0) == docs.batch_search(QUERIES, k=4)
     codes = docs.encode_queries(QUERIES)
     assert profile.reweight(docs, codes, 0) is codes
-    boosted = profile.reweight(docs, codes, 2.0)
-    assert (boosted != codes).nnz > 0 and set(zip(*boosted.nonzero())) == set(zip(*codes.nonzero()))
-    factor = boosted.toarray()[codes.toarray() > 0] / codes.toarray()[codes.toarray() > 0]
-    assert factor.min() >= 1 - 1e-6 and factor.max() <= 3 + 1e-5
+    boosted = profile.reweight(docs, codes, 2.0).toarray()
+    plain, p = codes.toarray(), profile.dense()
+    own = plain > 0  # the query's own latents: scaled by 1 + 2 p_j / max(p), or raised to the added value
+    factor = boosted[own] / plain[own]
+    assert factor.min() >= 1 - 1e-6 and (factor > 1 + 1e-6).any()
+    strongest = profile.latents[np.argsort(-profile.values, kind="stable")[:EXPAND_LATENTS]]
+    for row in range(len(QUERIES)):
+        gained = np.flatnonzero(~own[row] & (boosted[row] > 0))  # latents the query lacked
+        assert set(gained) <= set(strongest.tolist()) and len(gained) > 0
+        expected = 2.0 * EXPAND_FRACTION * p[gained] / p.max() * plain[row].max()
+        np.testing.assert_allclose(boosted[row, gained], expected, rtol=1e-5)
     assert docs.search(QUERIES[0], k=5, profile=profile, weight=2.0)  # runs, re-weighted
     with pytest.raises(QueryError, match="weight"):
         docs.search(QUERIES[0], profile=profile, weight=-1)

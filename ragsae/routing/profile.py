@@ -8,10 +8,12 @@ in the profile by `decay`, then adds the new items with weight 1. With `decay=1`
 is the plain mean of every item ever added, whatever the order and batching of the updates; with
 `decay < 1` an update made t updates ago weighs decay**t as much as the latest one, so interests fade.
 
-`Index.search(query, profile=p, weight=w)` multiplies each latent j of the query's pooled code by
-`1 + w * p_j / max(p)`: latents the user's passages share gain up to a factor `1 + w`, the query's other
-latents are left as they are, and no latent the query lacks is added, so a profile reorders what matches
-the query rather than pulling in what the user read before. `w = 0` is exactly the plain search.
+`Index.search(query, profile=p, weight=w)` changes the query's pooled code two ways: each of its latents
+j is multiplied by `1 + w * p_j / max(p)` (latents the user's passages share gain up to a factor `1 + w`),
+and the profile's `EXPAND_LATENTS` strongest latents are raised to at least
+`w * EXPAND_FRACTION * p_j / max(p)` times the query's strongest value. The first reorders what matches the
+query; the second carries the user's subject into a query too short to name it (one ambiguous word matches
+every subject it occurs in: `benchmarks/personalisation.py`). `w = 0` is exactly the plain search.
 
 A profile belongs to one SAE version of one index (latent j means nothing under another SAE): it records
 a fingerprint of the SAE's weights, and is refused by an index with another SAE. Saved as a small JSON file
@@ -41,6 +43,11 @@ from ..storage import json_checksum, read_versioned_json, write_json_atomic
 
 PROFILE_FORMAT_VERSION = 1
 PROFILE_KIND = "ragsae-profile"
+EXPAND_LATENTS = 20
+"""The profile's strongest latents that a personalised query gains where its own value is lower."""
+EXPAND_FRACTION = 0.125
+"""Their value at weight 1, as a fraction of the query's strongest: small beside the query's own subject
+(chosen on the msmarco-5k simulation of `benchmarks/personalisation.py`, confirmed on cranfield's)."""
 
 
 @dataclass
@@ -50,8 +57,8 @@ class Profile:
     The mean of the unit-length latent weights of the passages read (a document counts as the mean of its
     passages); `update` first multiplies the weight of what the profile held by `decay` (1: a plain mean of
     everything added, in any order). `Index.search(..., profile=p, weight=w)` multiplies each of the
-    query's latents by `1 + w * p_j / max(p)`: it reorders what matches the query towards what the user
-    read and adds no latent the query lacks. Saved as JSON, written atomically and checked on load
+    query's latents by `1 + w * p_j / max(p)` and adds the profile's strongest latents at a small share of
+    the query's strongest (module docstring). Saved as JSON, written atomically and checked on load
     (format version, checksum, shapes, finite values).
 
     Build with `from_passages`, extend with `update`, keep with `save` / `load`; pass to `Index.search`
@@ -134,7 +141,9 @@ class Profile:
 
     def reweight(self, index: Index, codes: sp.csr_matrix, weight: float) -> sp.csr_matrix:
         """Pooled query codes (n_queries, num_latents) of `index` with each latent j scaled by
-        `1 + weight * p_j / max(p)`; `codes` itself when `weight` is 0 (the plain search)."""
+        `1 + weight * p_j / max(p)`, and the profile's `EXPAND_LATENTS` strongest latents raised to at
+        least `weight * EXPAND_FRACTION * p_j / max(p)` times each query's strongest value; `codes`
+        itself when `weight` is 0 (the plain search)."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)) or not weight >= 0:
             raise QueryError(f"weight must be a number >= 0, got {weight!r}")
         if not math.isfinite(weight):
@@ -142,8 +151,18 @@ class Profile:
         self.check_index(index)
         if weight == 0 or len(self.values) == 0:
             return codes
-        factor = 1.0 + float(weight) * self.dense() / float(self.values.max())
-        return sp.csr_matrix(codes.multiply(factor.astype(np.float32)[None, :]), dtype=np.float32)
+        peak = float(self.values.max())
+        factor = 1.0 + float(weight) * self.dense() / peak
+        scaled = sp.csr_matrix(codes.multiply(factor.astype(np.float32)[None, :]), dtype=np.float32)
+        strongest = np.argsort(-self.values, kind="stable")[:EXPAND_LATENTS]
+        query_peak = np.asarray(abs(codes).max(axis=1).todense(), dtype=np.float64).ravel()
+        nq, added = codes.shape[0], len(strongest)
+        values = np.outer(query_peak * float(weight) * EXPAND_FRACTION, self.values[strongest] / peak)
+        gained = sp.csr_matrix(
+            (values.ravel().astype(np.float32), np.tile(self.latents[strongest], nq), np.arange(nq + 1) * added),
+            shape=codes.shape,
+        )
+        return sp.csr_matrix(scaled.maximum(gained), dtype=np.float32)
 
     # --- persistence -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
