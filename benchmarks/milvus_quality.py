@@ -1,7 +1,7 @@
 """Does the Milvus backend answer as the CSR segments do? nDCG@10 and top-10 agreement on real collections.
 
 python benchmarks/milvus_quality.py ../shared/datasets/msmarco-5k ../shared/datasets/cranfield
-    [--indexes indexes] [--output-dir benchmarks/results/milvus]
+    [--indexes indexes] [--output-dir benchmarks/results/milvus] [--query-latents N [--candidates C]]
 
 For each BEIR folder, the CSR index built from it with the default configuration (INDEXES/NAME, as
 `ragsae build ../shared/datasets/msmarco-5k indexes/msmarco-5k` writes it) is loaded and its judged
@@ -13,6 +13,10 @@ their pseudo-relevance feedback, whose first search and row reads Milvus answers
 (what `ragsae bench` retrieves), nDCG@10 of the document run of all the hits (`to_document_run`: a
 document scores its best passage; at k = 10 a document with two passages in the top 10 leaves the run
 with fewer than 10 documents).
+
+`--query-latents` turns on the backend's opt-in approximation (`MilvusBackend.query_latents`: a sparse
+query is searched by its N largest weights for C hits, at least k, scored again by the whole query);
+without it the backend's defaults are measured.
 
 Reported per collection and k: nDCG@10 from both and their difference; the share of queries whose top-10
 passages are the same list, and the same set; the largest score difference rank by rank in the top 10;
@@ -47,6 +51,11 @@ MAX_NDCG_DIFFERENCE = 0.002
 MIN_SAME_TOP = 0.95
 SEARCH_PARAMS = {"metric_type": "IP"}
 """What `MilvusBackend.search` passes: no drop_ratio_search, no other approximation parameter."""
+PRUNED = (
+    "Approximate: each sparse query is searched by its {latents} largest weights for {candidates} hits (at least "
+    "k), which are scored again by the whole query from their stored weights; a passage the pruned query ranks "
+    "below them is missed."
+)
 EXACTNESS = (
     "Exact: the sparse field's SPARSE_INVERTED_INDEX with inner product and no drop ratio scores every "
     "posting of every query latent (Milvus Lite's `SparseIpIndex` is an exhaustive term-at-a-time sum), "
@@ -119,15 +128,20 @@ def milvus_settings(index: Index) -> dict[str, Any]:
     assert engine is not None
     client, collection = engine.client, engine.collection
     described = {name: client.describe_index(collection, name) for name in client.list_indexes(collection)}
+    latents = engine.query_latents
     return {
         "indexes": described,
         "search_params": SEARCH_PARAMS,
+        "query_latents": latents,
+        "candidates": engine.candidates if latents is not None else None,
         "consistency_level": CONSISTENCY_LEVEL,
-        "exactness": EXACTNESS,
+        "exactness": EXACTNESS if latents is None else PRUNED.format(latents=latents, candidates=engine.candidates),
     }
 
 
-def measure(folder: Path, index_path: Path, llm: Any) -> tuple[dict[str, Any], Any]:
+def measure(
+    folder: Path, index_path: Path, llm: Any, query_latents: int | None = None, candidates: int | None = None
+) -> tuple[dict[str, Any], Any]:
     """The comparison on one collection, and the LLM (loaded by the first index, reused by the next)."""
     _, queries, qrels = load_beir(folder, "test")
     index = Index.load(index_path, llm=llm)
@@ -146,6 +160,9 @@ def measure(folder: Path, index_path: Path, llm: Any) -> tuple[dict[str, Any], A
         engine = index.engine
         if engine is None or index.retriever.engine is not engine:
             raise SystemExit(f"{index_path}: the Milvus collection was not attached after the save")
+        if query_latents is not None:
+            engine.query_latents = query_latents
+            engine.candidates = candidates if candidates is not None else engine.candidates
         settings = milvus_settings(index)
         entities = len(engine)
         fallbacks = Fallbacks()
@@ -233,7 +250,7 @@ def markdown(result: dict[str, Any]) -> str:
             + "."
         )
     settings = result["collections"][0]["settings"]
-    sparse = next((d for d in settings["indexes"].values() if d.get("field_name") == "sparse"), {})
+    sparse: dict[str, Any] = next((d for d in settings["indexes"].values() if d.get("field_name") == "sparse"), {})
     versions = result["versions"]
     lines += [
         "",
@@ -252,11 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("datasets", nargs="+", help="BEIR folders (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
     parser.add_argument("--indexes", default="indexes", help="folder holding each dataset's CSR index by its name")
     parser.add_argument("--output-dir", default="benchmarks/results/milvus")
+    parser.add_argument("--query-latents", type=int, help="search sparse queries by their N strongest latents")
+    parser.add_argument("--candidates", type=int, help="hits a pruned query asks for (default: the backend's)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     collections, llm = [], None
     for folder in map(Path, args.datasets):
-        found, llm = measure(folder, Path(args.indexes) / folder.name, llm)
+        found, llm = measure(folder, Path(args.indexes) / folder.name, llm, args.query_latents, args.candidates)
         collections.append(found)
     result = {
         "collections": collections,

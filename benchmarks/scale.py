@@ -1,4 +1,4 @@
-"""How the search step scales with the number of passages: ragsae-CSR, ragsae-Milvus (Lite) and FAISS flat.
+"""How the search step scales with the number of passages: ragsae-CSR, ragsae-Milvus (Lite), FAISS flat, bm25s.
 
 python benchmarks/scale.py [--index indexes/msmarco-5k] [--dataset ../shared/datasets/msmarco-5k]
     [--sizes 5000,50000,500000] [--milvus-sizes 5000,50000] [--searches 200] [--time-limit 60]
@@ -8,19 +8,30 @@ Query weights are fixed once: the collection's judged queries are encoded by the
 sparse weights its sparse mode matches (`Retriever.query_weights`, pseudo-relevance feedback included).
 Only the search step is timed, one query at a time, k = 10: `CsrBackend.search` (the class every index
 segment searches with), `MilvusBackend.search` on a collection made by the backend's own `create` and
-`insert`, and a `FaissBackend` exact inner-product index (`IndexFlatIP`, CPU).
+`insert` (with the backend's default search settings), a `FaissBackend` exact inner-product index
+(`IndexFlatIP`, CPU), and `bm25s.BM25.retrieve` (lexical BM25 over the passages' words, one thread, numpy
+top-k selection) with the query's tokens given: the judged queries tokenized once by `bm25s.tokenize`
+(lower case, its word pattern, English stop words removed, no stemming).
 
 Passages: the index's stored BM25 weights (real) up to its size; past it, synthetic rows appended to the
 real ones (`sample_weights`): each row's number of latents drawn from the real rows', its latents drawn
 by the real document frequencies (no latent twice in a row), each value a real stored value of that
 latent. FAISS gets random unit vectors of MiniLM's size (384, float32), and its queries are random unit
 vectors too: a flat index's time depends only on N and the dimension. Milvus's dense field (required by
-the backend's schema) gets random unit vectors of the LLM's width.
+the backend's schema) gets random unit vectors of the LLM's width. bm25s: the index's passage texts
+tokenized as the queries are (real) up to its size; past it, synthetic token lists appended
+(`sample_tokens`): each length drawn from the real passages' lengths, each token drawn independently by its
+frequency in the real passages. That keeps N, the passage lengths and the vocabulary's Zipf frequencies, on
+which BM25's postings and so its search time depend, but no co-occurrence or burstiness (a real word tends to
+repeat within a passage: synthetic postings are somewhat longer for the same frequency), and the real
+vocabulary of 5k passages (no new words as N grows).
 
-Memory per passage: bytes of the arrays searched (CSR: weights and postings; FAISS: the flat vectors).
-Disk per passage: the CSR weights as an index segment stores them (`save_compact_csr_atomic`), the FAISS
-index file, the Milvus Lite folder. Build throughput: passages/s into the backend (CSR: `CsrBackend.of`,
-which builds the postings; Milvus: `insert` then `flush`; FAISS: `build`), not the encoding before it.
+Memory per passage: bytes of the arrays searched (CSR: weights and postings; FAISS: the flat vectors;
+bm25s: its sparse score matrix). Disk per passage: the CSR weights as an index segment stores them
+(`save_compact_csr_atomic`), the FAISS index file, the Milvus Lite folder, bm25s's saved index (without the
+corpus). Build throughput: passages/s into the backend (CSR: `CsrBackend.of`, which builds the postings;
+Milvus: `insert` then `flush`; FAISS: `build`; bm25s: `BM25.index` of the token lists), not the encoding
+or tokenization before it.
 
 Writes OUTPUT_DIR/scale.json, scale.md and, with matplotlib, scale.png.
 """
@@ -47,6 +58,7 @@ from ragsae.storage import save_compact_csr_atomic, write_json_atomic, write_tex
 from ragsae.text import Passage
 
 K = 10
+BM25S_STOPWORDS = "en"
 DENSE_DIM = 384
 """MiniLM-L6's width: the dense baseline's vectors."""
 CSR_P50_GOAL_MS, CSR_GOAL_N = 20.0, 500_000
@@ -85,6 +97,16 @@ def sample_weights(real: sp.csr_matrix, n: int, rng: np.random.Generator, chunk:
     return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, real.shape[1]), dtype=np.float32)
 
 
+def sample_tokens(real: list[list[str]], n: int, rng: np.random.Generator) -> list[list[str]]:
+    """`n` synthetic token lists like `real`'s: lengths drawn from `real`'s lengths, each token drawn
+    independently by its frequency in `real` (unigram sampling)."""
+    vocabulary, counts = np.unique(np.array([t for tokens in real for t in tokens], dtype=object), return_counts=True)
+    lengths = rng.choice(np.array([len(tokens) for tokens in real]), size=n)
+    drawn = vocabulary[rng.choice(len(vocabulary), size=int(lengths.sum()), p=counts / counts.sum())]
+    ends = np.cumsum(lengths)
+    return [drawn[end - length : end].tolist() for end, length in zip(ends.tolist(), lengths.tolist())]
+
+
 def latencies(search: Callable[[int], Any], queries: int, searches: int, time_limit: float) -> dict[str, Any]:
     """p50/p99 ms of `search(i)` over queries i = 0, 1, ... (cycled), `searches` times or until
     `time_limit` seconds have passed, after one warm-up pass of up to 3 searches."""
@@ -98,6 +120,13 @@ def latencies(search: Callable[[int], Any], queries: int, searches: int, time_li
         times.append(time.perf_counter() - start)
     ms = np.array(times) * 1e3
     return {"searches": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def bm25s_tokens(texts: list[str]) -> list[list[str]]:
+    """`texts` as bm25s tokenizes them (lower case, its word pattern, English stop words removed)."""
+    import bm25s
+
+    return list(bm25s.tokenize(texts, stopwords=BM25S_STOPWORDS, return_ids=False, show_progress=False))
 
 
 def unit_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -136,6 +165,26 @@ def measure_faiss(n: int, args: argparse.Namespace, rng: np.random.Generator) ->
     with tempfile.TemporaryDirectory(prefix="ragsae-scale-") as tmp:
         disk = sum(folder_bytes(Path(tmp) / name) for name in backend.save(Path(tmp)))
     return {"build_per_s": n / build_s, "memory_per_passage": DENSE_DIM * 4, "disk_per_passage": disk / n, **timing}
+
+
+def measure_bm25s(tokens: list[list[str]], queries: list[list[str]], args: argparse.Namespace) -> dict[str, Any]:
+    import bm25s
+
+    n = len(tokens)
+    retriever = bm25s.BM25()
+    start = time.perf_counter()
+    retriever.index(tokens, show_progress=False)
+    build_s = time.perf_counter() - start
+    memory = sum(retriever.scores[name].nbytes for name in ("data", "indices", "indptr"))
+
+    def search(i: int) -> Any:
+        return retriever.retrieve([queries[i]], k=K, show_progress=False, n_threads=0)
+
+    timing = latencies(search, len(queries), args.searches, args.time_limit)
+    with tempfile.TemporaryDirectory(prefix="ragsae-scale-bm25s-") as tmp:
+        retriever.save(tmp)
+        disk = folder_bytes(Path(tmp))
+    return {"build_per_s": n / build_s, "memory_per_passage": memory / n, "disk_per_passage": disk / n, **timing}
 
 
 def measure_milvus(
@@ -179,8 +228,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Real passages: the first {result['real_passages']:,} rows; every N above that is the real rows plus "
         "synthetic rows sampled from their distribution (row lengths, latent document frequencies, per-latent "
-        "values). FAISS flat: random 384-dim float32 unit vectors and queries. Search step only, one query at "
-        "a time, CPU.",
+        "values). FAISS flat: random 384-dim float32 unit vectors and queries. bm25s: the real passages' words, "
+        "then synthetic passages of words drawn by their real frequencies. Search step only, one query at a "
+        "time, CPU.",
         "",
         "| engine | N | data | p50 ms | p99 ms | searches | build passages/s | memory B/passage | disk B/passage |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -263,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = sample_weights(real, max(0, largest - real.shape[0]), rng)
     passages = sp.vstack([real, synthetic], format="csr")
     del synthetic
+    words = bm25s_tokens([p.text for p in index.passages])
+    if sizes and not all(words):
+        raise SystemExit(f"{args.index}: bm25s needs the passages' text, and the index stores none")
+    words += sample_tokens(words, max(0, max(sizes, default=0) - len(words)), np.random.default_rng(args.seed + 1))
+    query_words = bm25s_tokens(list(queries.values()))
 
     rows: list[dict[str, Any]] = []
 
@@ -274,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         data = "real" if n <= real.shape[0] else "real+synthetic"
         record("ragsae-CSR", n, measure_csr(passages[:n], weights, args), data)
         record("FAISS flat 384", n, measure_faiss(n, args, rng), "random")
+        data = "real" if n <= len(index.passages) else "real+synthetic"
+        record("bm25s", n, measure_bm25s(words[:n], query_words, args), data)
     for n in milvus_sizes:
         data = "real" if n <= real.shape[0] else "real+synthetic"
         record("ragsae-Milvus", n, measure_milvus(passages[:n], weights, retriever.w_dec.shape[1], args, rng), data)
@@ -293,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             f"N above {real.shape[0]:,} is synthetic past the real rows (see the script's docstring).",
             f"Milvus dense field: random unit vectors of width {retriever.w_dec.shape[1]}; "
-            "its memory is not measured (a separate server process).",
+            "its memory is not measured (Milvus Lite serves from threads of the measuring process).",
+            "bm25s above the real passages: synthetic words, unigram-sampled (see the script's docstring).",
         ],
         "seconds": time.perf_counter() - started,
         "command": command_line(),
@@ -302,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": os.cpu_count(),
         "versions": {
             **library_versions(),
-            **{name: importlib.metadata.version(name) for name in ("pymilvus", "milvus-lite", "faiss-cpu")},
+            **{name: importlib.metadata.version(name) for name in ("pymilvus", "milvus-lite", "faiss-cpu", "bm25s")},
         },
     }
     if plot(rows, out / "scale.png"):

@@ -133,6 +133,36 @@ def test_milvus_answers_as_the_segments_do_in_every_mode(served, collection, fee
     assert_rare_latent_searches_alike(served)
 
 
+def test_pruned_sparse_queries_return_exact_scores_of_the_best_candidates(served):
+    """The opt-in approximation (`query_latents`): the hits come back scored by the whole query; with every
+    passage a candidate they are the segments' hits, with fewer the top 10 still overlap them."""
+    engine = served.engine
+    rows = live_rows(served)
+    with from_segments(served):
+        stored = served.retriever.rows(rows)
+        queries = served.retriever.query_weights(stored[:6])  # feedback queries: many latents each
+        expected = served.retriever.sparse.search(queries, 10)
+    assert np.diff(queries.indptr).min() > 4
+    exact = np.zeros((queries.shape[0], max(rows) + 1), dtype=np.float64)
+    exact[:, rows] = (queries.astype(np.float64) @ stored.astype(np.float64).T).toarray()
+    settings = engine.query_latents, engine.candidates
+    try:
+        engine.query_latents, engine.candidates = 4, len(rows)
+        scores, ids = engine.search(queries, 10)
+        np.testing.assert_array_equal(ids, expected[1])
+        np.testing.assert_allclose(scores, expected[0], rtol=1e-5)
+        engine.query_latents, engine.candidates = 16, 30
+        scores, ids = engine.search(queries, 10)
+        assert (ids >= 0).all()
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, axis=1), rtol=1e-5)
+        assert (np.diff(scores, axis=1) <= 0).all()
+        overlap = [len(set(a) & set(b)) for a, b in zip(ids.tolist(), expected[1].tolist())]
+        assert np.mean(overlap) >= 9, overlap  # 16 of ~110 latents, 30 candidates of 236 passages
+    finally:
+        engine.query_latents, engine.candidates = settings
+    assert engine.search(queries, 10)[1].tolist() == expected[1].tolist()  # off again: exact
+
+
 def test_rows_and_explanations_read_from_milvus_are_the_stored_ones(served, collection, caplog):
     _, queries, _ = collection
     rows = live_rows(served)

@@ -11,6 +11,12 @@ the dense field holds each passage's vector as its segment's 8-bit FAISS index d
 FLAT (exact) inner product. Milvus returns only passages that share a latent with a sparse query; the
 retriever adds the others with score 0, as exact scoring ranks them (`Retriever.served`).
 
+The one approximation is opt-in (`MilvusBackend.query_latents`, default None: off): a sparse query with
+more latents is searched by that many of its largest weights for `candidates` hits, which are scored
+again by the whole query from their stored weights. The scores returned are then exact, but a passage
+the pruned query ranks below the candidates is missed, so the hits can differ from the segments'
+(`QUERY_LATENTS` says why it is off).
+
 The index folder's segments stay the source of truth and the exact reference. The collection is filled
 when the index is built, kept in step by add, delete and upsert, and made anew under the next name
 (`next_collection`) by compact and retrain, which renumber the rows, so that a process still holding
@@ -66,6 +72,19 @@ GENERATION_PROPERTY = "ragsae.generation"
 """Collection property: the index generation the collection was last brought in step with."""
 SCHEMES = ("http", "https", "tcp", "unix")
 COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+QUERY_LATENTS: int | None = None
+"""Default `MilvusBackend.query_latents`: None, every latent of a sparse query is searched (exact).
+
+Milvus Lite scores a sparse query one posting at a time in Python and offers no approximate sparse index
+(only SPARSE_INVERTED_INDEX with the TAAT_NAIVE algorithm and drop ratios of 0; other settings are refused
+or dropped), so the one lever is the query: searching by its strongest latents only, then scoring the
+`CANDIDATES` hits again by the whole query. That keeps quality only with about half of a feedback query's
+latents and a deep candidate list, saves well under half of the search time at 50k-200k passages (a
+per-search cost that grows with the collection remains), and makes small collections slower (each
+candidate's stored weights come back with the hits): not worth being the default
+(`benchmarks/milvus_quality.py --query-latents` measures its quality)."""
+CANDIDATES = 100
+"""Default `MilvusBackend.candidates`: hits a pruned sparse query asks for, to be scored by the whole query."""
 
 
 def import_pymilvus() -> Any:
@@ -198,6 +217,10 @@ class MilvusBackend(Backend):
         self.collection = collection
         self.num_latents = num_latents
         self.d_model = d_model
+        self.query_latents = QUERY_LATENTS
+        """Latents of a sparse query that Milvus searches by, its strongest (`strongest_latents`); None: all."""
+        self.candidates = CANDIDATES
+        """Hits a pruned sparse query asks Milvus for, scored again by the whole query (`search`)."""
 
     @classmethod
     def connect(cls, uri: str, collection: str, num_latents: int, d_model: int, token: str = "") -> MilvusBackend:
@@ -366,10 +389,19 @@ class MilvusBackend(Backend):
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Best `k` rows per query as (scores, ids), (nq, k), -1 padded: sparse weights (CSR) search the
-        sparse field (only rows sharing a latent come back), dense vectors the dense field."""
+        sparse field (only rows sharing a latent come back), dense vectors the dense field.
+
+        A sparse query holding more than `query_latents` latents is searched by its strongest ones for
+        `candidates` hits (at least `k`), which are scored again by the whole query from their stored
+        weights (`rescore`): the scores returned are exact, the rows are those the pruned query ranks
+        first (see the module's docstring)."""
+        if k > MAX_TOPK:
+            raise MilvusUnavailable(f"a search for {k} hits is deeper than Milvus's limit of {MAX_TOPK}")
+        whole: list[dict[int, float]] = []
         if sp.issparse(queries):
             queries = sp.csr_matrix(queries)
-            data: list[Any] = [sparse_dict(queries, i) for i in range(queries.shape[0])]
+            whole = [sparse_dict(queries, i) for i in range(queries.shape[0])]
+            data: list[Any] = [strongest_latents(query, self.query_latents) for query in whole]
             field = "sparse"
         else:
             array = np.asarray(queries, dtype=np.float32)
@@ -377,27 +409,30 @@ class MilvusBackend(Backend):
         nq = len(data)
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         ids = np.full((nq, k), -1, dtype=np.int64)
-        if k > MAX_TOPK:
-            raise MilvusUnavailable(f"a search for {k} hits is deeper than Milvus's limit of {MAX_TOPK}")
         asked = [i for i, query in enumerate(data) if len(query)]  # an empty sparse query matches nothing
         if not asked or k < 1:
             return scores, ids
+        pruned = any(len(data[i]) < len(whole[i]) for i in asked) if whole else False
+        limit = min(MAX_TOPK, max(k, self.candidates)) if pruned else k
         results = self._call(
             "search",
             lambda: self.client.search(
                 self.collection,
                 data=[data[i] for i in asked],
                 anns_field=field,
-                limit=k,
-                output_fields=["row"],
+                limit=limit,
+                output_fields=["row", "sparse"] if pruned else ["row"],
                 search_params={"metric_type": "IP"},
                 consistency_level=CONSISTENCY_LEVEL,
             ),
         )
         for i, hits in zip(asked, results):
-            found = list(hits)[:k]
-            ids[i, : len(found)] = [int(hit["row"]) for hit in found]
-            scores[i, : len(found)] = [float(hit["distance"]) for hit in found]
+            if pruned:
+                found = rescore(whole[i], hits)[:k]
+            else:
+                found = [(float(hit["distance"]), int(hit["row"])) for hit in list(hits)[:k]]
+            scores[i, : len(found)] = [score for score, _ in found]
+            ids[i, : len(found)] = [row for _, row in found]
         return scores, ids
 
     def rows(self, ids: Sequence[int] | np.ndarray) -> sp.csr_matrix:
@@ -438,6 +473,27 @@ def sparse_dict(matrix: sp.csr_matrix, i: int) -> dict[int, float]:
     values = matrix.data[lo:hi]
     keep = values != 0
     return dict(zip(matrix.indices[lo:hi][keep].tolist(), values[keep].astype(np.float64).tolist()))
+
+
+def strongest_latents(query: dict[int, float], count: int | None) -> dict[int, float]:
+    """`query` kept to its `count` weights of largest magnitude (ties: the lower latent), in latent order;
+    the whole of it where `count` is None or it holds no more."""
+    if count is None or len(query) <= count:
+        return query
+    kept = sorted(query.items(), key=lambda item: (-abs(item[1]), item[0]))[:count]
+    return dict(sorted(kept))
+
+
+def rescore(query: dict[int, float], hits: Any) -> list[tuple[float, int]]:
+    """(score, row) of Milvus `hits` (with their "row" and stored "sparse" weights) under the whole `query`,
+    summed in float64 as Milvus sums, best first (ties: the lower row, as the segments rank them)."""
+    found = []
+    for hit in hits:
+        weights = hit["sparse"]
+        score = sum(weight * query.get(int(latent), 0.0) for latent, weight in weights.items())
+        found.append((float(score), int(hit["row"])))
+    found.sort(key=lambda pair: (-pair[0], pair[1]))
+    return found
 
 
 def fit_varchar(text: str) -> str:
