@@ -138,3 +138,20 @@ def test_the_sae_travels_to_the_workers_as_plain_arrays(single):
     assert copy.metadata == single.sae.metadata
     for name, tensor in single.sae.state_dict().items():
         assert np.array_equal(copy.state_dict()[name].numpy(), tensor.numpy())
+
+
+def test_workers_whose_model_differs_from_the_drivers_are_refused(
+    local_ray, single, collection, tiny_llm, tiny_llm_dir
+):
+    import dataclasses
+
+    from ragsae.errors import ModelError
+
+    config = tiny_config(tiny_llm_dir)
+    other = dataclasses.replace(
+        config, llm=dataclasses.replace(config.llm, dtype="bfloat16")
+    )  # the driver's is float32
+    with pytest.raises(ModelError, match="bfloat16"):
+        Index.build(collection, config=other, sae=single.sae, llm=tiny_llm, ray=RayBuild(workers=1))
+    # The refused build's workers are gone: a build after it gets both CPUs.
+    assert Index.build(collection, config=config, sae=single.sae, llm=tiny_llm, ray=RayBuild(workers=2)).codes.nnz > 0

@@ -154,11 +154,12 @@ def encode_on_ray(
             ray.init(num_cpus=options.workers * options.cpus_per_worker, include_dashboard=False)
         else:
             ray.init(address=options.address)
+    actors: list[Any] = []
     try:
         began = time.perf_counter()
         worker = ray.remote(num_cpus=options.cpus_per_worker)(ShardEncoder)
         frozen = ray.put(sae_parts(sae))
-        actors = [
+        actors += [
             worker.remote(llm_config, capture, pooling, frozen, options.cpus_per_worker) for _ in range(options.workers)
         ]
         for where, key in ray.get([actor.identity.remote() for actor in actors]):
@@ -187,10 +188,12 @@ def encode_on_ray(
             reducing += time.perf_counter() - received
         logger.info(SHARDS_ENCODED, len(passages), len(shards), time.perf_counter() - ready, reducing)
     finally:
+        for actor in actors:  # their CPUs go back to a cluster that outlives the build
+            ray.kill(actor)
         if started:
             ray.shutdown()
     stacked = sp.vstack(codes, format="csr") if codes else sp.csr_matrix((0, sae.num_latents), dtype=np.float32)
-    return PooledCodes(stacked, np.concatenate(lengths).astype(np.float32)), stats
+    return PooledCodes(stacked, np.concatenate([np.zeros(0), *lengths]).astype(np.float32)), stats
 
 
 def shard_results(
