@@ -162,23 +162,29 @@ class LoadedLlm:
 
 
 @contextlib.contextmanager
-def quiet_loading(quiet: bool) -> Iterator[None]:
-    """Silence transformers' loading bars; its GGUF de-quantisation bar ignores the global switch."""
+def quiet_loading(quiet: bool, gguf: bool) -> Iterator[None]:
+    """Silence transformers' loading bars; with `gguf`, also its GGUF de-quantisation bar, which ignores
+    the global switch (its module is imported only then: a warm load reads no GGUF file)."""
     if not quiet:
         yield
         return
     import functools
 
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    bars_were_on, gguf_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    gguf_utils: Any = None
+    if gguf:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_tqdm = gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
-        gguf_utils.tqdm = gguf_tqdm
+        if gguf_utils is not None:
+            gguf_utils.tqdm = gguf_tqdm
         if bars_were_on:
             hf_logging.enable_progress_bar()
 
@@ -346,9 +352,10 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False, cache: boo
     gguf_sha256 = file_sha256(gguf_path) if gguf_path is not None else None
     model_id, model_hash = model_fingerprint(config, gguf_sha256)
     cache_key = gguf_sha256 if cache else None
-    with quiet_loading(not progress):
+    with quiet_loading(not progress, gguf=False):
         loaded = load_cached(cache_key, dtype) if cache_key is not None else None
-        if loaded is None:
+    if loaded is None:
+        with quiet_loading(not progress, gguf=gguf is not None):
             logger.info(
                 "loading LLM %s%s (%s)%s",
                 source,
