@@ -133,11 +133,12 @@ def test_real_model_passage_activations_do_not_depend_on_the_batch():
 def test_query_batches_take_few_shapes():
     """A service's micro-batches of 1 to 32 queries are padded to seven row counts (each shape costs
     kernels and buffers kept for good), never fewer rows than texts."""
-    from ragsae.capture.forward import bucket_rows
+    from ragsae.capture.forward import padded_shape
 
-    sizes = {n: bucket_rows(n) for n in range(1, 33)}
+    sizes = {n: padded_shape(n, 5)[0] for n in range(1, 33)}
     assert set(sizes.values()) == {1, 2, 4, 8, 16, 24, 32}
     assert all(n <= rows < 2 * n for n, rows in sizes.items())
+    assert [padded_shape(3, width)[1] for width in (1, 8, 9, 17)] == [8, 8, 16, 24]
 
 
 def test_padded_query_batches_give_each_query_its_own_codes(tiny_llm):

@@ -98,14 +98,13 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarr
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def bucket_rows(texts: int) -> int:
-    """Rows a batch of `texts` is padded to (with rows of padding, never read): 1, 2, 4, 8, then multiples
-    of 8 (and its width to a multiple of 8 tokens). Every distinct batch shape makes oneDNN build and keep
-    kernels and the allocator keep buffers for it: a service whose micro-batches took every size grew in
-    memory for tens of thousands of requests (benchmarks/README.md, Service)."""
-    if texts <= 8:
-        return 1 << (texts - 1).bit_length()
-    return -(-texts // 8) * 8
+def padded_shape(texts: int, width: int) -> tuple[int, int]:
+    """(rows, width) a batch of `texts` of at most `width` tokens is padded to (padding is never read):
+    rows 1, 2, 4, 8, then multiples of 8; width a multiple of 8. Every distinct batch shape makes oneDNN
+    build and keep kernels and the allocator keep buffers for it: a service whose micro-batches took
+    every size grew in memory for tens of thousands of requests (benchmarks/README.md, Service)."""
+    rows = 1 << (texts - 1).bit_length() if texts <= 8 else -(-texts // 8) * 8
+    return rows, -(-width // 8) * 8
 
 
 def token_budget_batches(ids: list[list[int]], rows: int) -> list[np.ndarray]:
@@ -200,9 +199,8 @@ def capture(
         lengths_fed = [len(ids[i]) for i in batch] if batch_invariant else None
         batch_trunk = trunk if trunk is not None and trunk.accepts(width) else None
         padded_rows = len(batch)
-        if batch_trunk is not None and not batch_invariant:  # few shapes (`bucket_rows`); padding is never read
-            padded_rows = bucket_rows(len(batch))
-            rounded = -(-width // 8) * 8
+        if batch_trunk is not None and not batch_invariant:  # few shapes (`padded_shape`)
+            padded_rows, rounded = padded_shape(len(batch), width)
             width = rounded if batch_trunk.accepts(rounded) else width
         input_ids = torch.full((padded_rows, width), pad, dtype=torch.long)
         mask = torch.zeros((padded_rows, width), dtype=torch.long)
