@@ -18,6 +18,7 @@ milvus_quality = load_benchmark_script("milvus_quality")
 scale = load_benchmark_script("scale")
 distributed = load_benchmark_script("distributed")
 personalisation = load_benchmark_script("personalisation")
+gpu = load_benchmark_script("gpu")
 
 
 def test_capture_speed_compares_trunk_and_hooked_paths(tiny_llm_dir, tiny_collection, tmp_path):
@@ -170,3 +171,14 @@ def test_personalisation_pairs_are_words_spread_over_topics_with_a_minority_in_t
     words = [{"engine"}] * 4 + [{"engine"}] * 3 + [{"engine", "pasta"}] * 3 + [{"rare"}, {"pasta"}]
     pairs = personalisation.ambiguous_pairs(words, topic)
     assert pairs == [(0, "engine"), (1, "engine"), (2, "engine")]
+
+
+def test_gpu_flop_count_and_agreement(tiny_llm):
+    c = tiny_llm.model.config  # hidden 64, intermediate 128, 4 heads, 2 key-value heads
+    per_block = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 4 * 64 * 100 / 2
+    assert (c.hidden_size, c.intermediate_size) == (64, 128)
+    assert gpu.flops_per_token(tiny_llm, 3, 100) == pytest.approx(3 * per_block)
+    exact = np.array([[1.0, -2.0], [4.0, 0.5]], dtype=np.float32)
+    near = exact * (1 + np.array([[0.001, 0.0], [0.0, 0.1]], dtype=np.float32))
+    found = gpu.agreement(exact, near)
+    assert found["within_one_rounding"] == 0.75 and found["max_relative_to_scale"] == pytest.approx(0.05 / 4)
