@@ -113,6 +113,7 @@ STUDIES = (
     "multilayer",
     "contrastive",
     "shared-sae",
+    "echo",
 )
 
 QUERY_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -826,6 +827,66 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- study: echo ------------------------------------------------------------------------------
+def echoed(
+    setup: Setup, texts: list[str], prefix: str, stopwords: frozenset[str], plain: TokenActivations
+) -> tuple[TokenActivations, int, list[str]]:
+    """Activations of each text's second reading when it is fed twice, "PREFIX TEXT\nPREFIX TEXT": every
+    kept token has seen the whole text once (echo embeddings, Springer et al. 2024). The second copy is
+    tokenised as the plain reading is, so its rows are the last ones of each echoed text, as many as
+    `plain` (the text read once) has; returns them and how many texts' tokens differed from the plain
+    reading's (0 expected), and the doubled texts."""
+    collection, cfg = setup.collection, setup.build.capture
+    lead = prefix.rstrip()
+    doubled = [f"{text}\n{lead} {text}" if lead else f"{text}\n{text}" for text in texts]
+    window = 2 * cfg.window + 16  # both copies, never cut: passages are split to `window` tokens
+    acts = capture_cached(
+        collection.llm,
+        doubled,
+        [cfg.layer],
+        fingerprint(doubled),
+        ActivationCache(collection.cache_root / "activations"),
+        window,
+        cfg.batch_size,
+        prefix,
+        True,
+        stopwords,
+    )[cfg.layer]
+    once, skip, _ = tokenize(collection.llm, texts, cfg.window, prefix)
+    twice, _, _ = tokenize(collection.llm, doubled, window, prefix)
+    differ = sum(a[len(a) - (len(b) - skip) :] != b[skip:] for a, b in zip(twice, once))
+    keep = np.zeros(len(acts.values), dtype=bool)
+    for i, count in enumerate(plain.lengths()):
+        keep[acts.offsets[i + 1] - count : acts.offsets[i + 1]] = True
+    return TokenActivations(np.asarray(acts.values)[keep], plain.offsets), int(differ), doubled
+
+
+def study_echo(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The default build against passages read twice and coded from their second reading (an SAE
+    trained on those activations, default config), with queries read once and read twice."""
+    collection, build = setup.collection, setup.build
+    cfg = build.capture
+    plain_queries = pool(setup, setup.query_acts)
+    rows = [result_row("read once (default)", sparse_metrics(setup, pool(setup, setup.acts), plain_queries))]
+    passages, differ, doubled = echoed(setup, collection.texts, cfg.passage_prefix, frozenset(), setup.acts)
+    # Keyed by the doubled texts, so that it never stands in for the default build's SAE.
+    sae = cached_sae(collection.llm, doubled, passages, cfg, build.sae, collection.cache_root, True).eval()
+    stopwords = STOPWORD_LISTS[cfg.query_stopwords]
+    queries, differ_q, _ = echoed(setup, collection.query_texts, cfg.query_prefix, stopwords, setup.query_acts)
+    quality = evaluate_sae(sae, np.asarray(passages.values[:FVU_ROWS], dtype=np.float32), collection.llm.device)
+    docs = pool(setup, passages, sae)
+    for label, query_acts in (("passages echoed, queries once", setup.query_acts), ("both echoed", queries)):
+        rows.append(
+            result_row(
+                label,
+                sparse_metrics(setup, docs, pool(setup, query_acts, sae), sae),
+                {"FVU": round(quality["fvu"], 4)},
+                token_mismatches={"passages": differ, "queries": differ_q},
+            )
+        )
+    return rows
+
+
 STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, Any]]]] = {
     "scoring": study_scoring,
     "feedback": study_feedback,
@@ -835,6 +896,7 @@ STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, 
     "multilayer": study_multilayer,
     "contrastive": study_contrastive,
     "shared-sae": study_shared_sae,
+    "echo": study_echo,
 }
 STUDY_OPTIONS = {
     "multilayer": ("other_layer", "other_epochs"),
