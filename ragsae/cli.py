@@ -48,6 +48,7 @@ CONFIG_OPTIONS: dict[type, dict[str, str]] = {
         "epochs": "--epochs",
         "batch_size": "--sae-batch-size",
         "lr": "--lr",
+        "ortho_coef": "--sae-ortho",
         "seed": "--seed",
     },
     ScoringConfig: {

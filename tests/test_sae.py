@@ -121,7 +121,7 @@ def test_penalised_architectures_have_sparsity_loss(architecture):
     assert out.recon.shape == (16, 32)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "relu", "kl"])
+@pytest.mark.parametrize("architecture", ["topk", "relu", "kl", "gated"])
 def test_training_explains_sparse_data(architecture):
     data = synthetic_activations()
     config = small_config(architecture=architecture, epochs=10, lr=1e-2)
@@ -130,7 +130,7 @@ def test_training_explains_sparse_data(architecture):
     before = evaluate_sae(untrained, data)["fvu"]
     sae, report = train_sae(data, config)
     # ReLU/KL codes are capped to k latents when stored, which costs them some variance.
-    assert report.fvu < (0.15 if architecture == "topk" else 0.8 * before), (before, report)
+    assert report.fvu < (0.15 if architecture in ("topk", "gated") else 0.8 * before), (before, report)
     assert 0 < report.mean_l0 <= 4
     assert 0 <= report.dead_fraction < 1
     assert report.steps == 10 * (4096 // 128)
@@ -192,9 +192,9 @@ def test_low_precision_encoder_is_made_once_under_concurrent_use():
 
 def test_architectures_are_classes_chosen_by_the_registry(tmp_path):
     from ragsae.errors import ConfigError
-    from ragsae.sae import ARCHITECTURES, KlSae, ReluSae, TopKSae
+    from ragsae.sae import ARCHITECTURES, GatedSae, KlSae, ReluSae, TopKSae
 
-    assert ARCHITECTURES == {"topk": TopKSae, "relu": ReluSae, "kl": KlSae}
+    assert ARCHITECTURES == {"topk": TopKSae, "relu": ReluSae, "kl": KlSae, "gated": GatedSae}
     for name, cls in ARCHITECTURES.items():
         sae = create_sae(small_config(architecture=name), 32)
         assert type(sae) is cls
@@ -202,3 +202,59 @@ def test_architectures_are_classes_chosen_by_the_registry(tmp_path):
         assert type(load_sae(tmp_path / name)) is cls
     with pytest.raises(ConfigError, match="implements 'relu'"):
         ReluSae(small_config(architecture="topk"), 32)
+
+
+def test_gated_sae_selects_by_its_gate_and_sets_values_by_its_magnitude_path():
+    sae = create_sae(small_config(architecture="gated", num_latents=512, k=8), 32)
+    with torch.no_grad():
+        sae.r_mag.uniform_(-1, 1)
+        sae.b_mag.uniform_(-0.5, 0.5)
+    x = torch.randn(50, 32)
+    xn = sae.normalise(x)
+    codes = sae.encode(x)
+    gate = sae.pre_acts(xn)
+    assert torch.equal(codes.indices.sort(1).values, gate.topk(8, dim=1).indices.sort(1).values)
+    linear = (xn - sae.b_dec) @ sae.W_enc
+    magnitude = torch.relu(linear * sae.r_mag.exp() + sae.b_mag)
+    assert_close(codes.values, magnitude.gather(1, codes.indices))
+    assert not torch.allclose(codes.values, gate.gather(1, codes.indices))  # magnitudes differ from the gate
+    fast = sae.encode(x, torch.bfloat16)  # low-precision selection, magnitudes of what it chose
+    assert_close(fast.values, magnitude.gather(1, fast.indices))
+
+
+def test_gated_gate_learns_only_from_its_own_reconstruction():
+    sae = create_sae(small_config(architecture="gated"), 32)
+    out = sae(torch.randn(64, 32))
+    out.fvu.backward()
+    assert sae.b_enc.grad is None or sae.b_enc.grad.abs().sum() == 0  # the gate's bias only moves selection
+    assert sae.b_mag.grad.abs().sum() > 0 and sae.r_mag.grad.abs().sum() > 0
+    sae.zero_grad()
+    out = sae(torch.randn(64, 32))
+    out.aux_loss.backward()
+    assert sae.b_enc.grad.abs().sum() > 0
+    assert sae.W_dec.grad is None or sae.W_dec.grad.abs().sum() == 0  # the decoder is held fixed there
+
+
+def test_coactive_cosine_is_the_mean_squared_cosine_of_each_tokens_latent_pairs():
+    sae = create_sae(small_config(), 32)
+    indices = torch.randint(0, 128, (5, 4))
+    rows = sae.W_dec.detach()
+    expected = []
+    for token in indices:
+        for i in range(4):
+            for j in range(4):
+                if i != j:
+                    expected.append(float(rows[token[i]] @ rows[token[j]]) ** 2)
+    assert sae.coactive_cosine(indices).item() == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_orthogonality_penalty_pushes_cofiring_decoder_rows_apart():
+    data = synthetic_activations(n=2048)
+    plain, plain_report = train_sae(data, small_config(epochs=6))
+    ortho, report = train_sae(data, small_config(epochs=6, ortho_coef=1.0))
+    x = torch.from_numpy(data)
+    with torch.no_grad():
+        before = plain.coactive_cosine(plain.encode(x).indices).item()
+        after = ortho.coactive_cosine(ortho.encode(x).indices).item()
+    assert after < 0.9 * before, (before, after)
+    assert report.fvu < plain_report.fvu + 0.02  # at little cost in reconstruction

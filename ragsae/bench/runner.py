@@ -94,6 +94,11 @@ def timed_capture(
     }
 
 
+KEYLESS_DEFAULTS = {"ortho_coef": 0.0}
+"""SaeConfig fields added after SAEs were cached, left out of the cache key at their default (which
+trains the SAE they trained before), so that the SAEs already cached stay found."""
+
+
 def cached_sae(
     llm: LoadedLlm,
     texts: list[str],
@@ -106,7 +111,8 @@ def cached_sae(
     """The SAE `Index.build` would train on these passages (`encode.fit_sae`), trained once and kept
     under `root/sae`, keyed by the activations' identity and the SAE config."""
     identity = activations_id(llm, capture.layer, capture.window, capture.passage_prefix, fingerprint(texts))
-    key = hashlib.sha256(f"{identity}|{json.dumps(to_dict(config), sort_keys=True)}".encode()).hexdigest()[:24]
+    fields = {name: value for name, value in to_dict(config).items() if KEYLESS_DEFAULTS.get(name, ...) != value}
+    key = hashlib.sha256(f"{identity}|{json.dumps(fields, sort_keys=True)}".encode()).hexdigest()[:24]
     folder = root / "sae" / key
     if (folder / SAE_WEIGHTS_FILE).is_file():
         return load_sae(folder)

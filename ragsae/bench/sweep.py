@@ -18,6 +18,7 @@ SWEEP_KEYS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "architecture": ("sae", "architecture", str),
     "epochs": ("sae", "epochs", int),
     "auxk": ("sae", "auxk_coef", float),
+    "ortho": ("sae", "ortho_coef", float),
     "seed": ("sae", "seed", int),
     "pooling": ("scoring", "pooling", str),
     "prefix": ("capture", "query_prefix", str),

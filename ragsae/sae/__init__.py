@@ -2,6 +2,7 @@
 
 from .base import SaeOutput, SparseAutoencoder, TopK, fvu
 from .evaluate import evaluate_sae
+from .gated import GatedSae
 from .kl import KlSae, kl_sparsity
 from .registry import ARCHITECTURES, create_sae, load_sae
 from .relu import ReluSae
@@ -10,6 +11,7 @@ from .train import TrainReport, optimiser_step, train_sae
 
 __all__ = [
     "ARCHITECTURES",
+    "GatedSae",
     "KlSae",
     "ReluSae",
     "SaeOutput",

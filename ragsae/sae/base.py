@@ -1,6 +1,6 @@
 """What every sparse autoencoder shares: normalisation, encoder, sparse codes, decoder, saving.
 
-An architecture (`topk.py`, `relu.py`, `kl.py`) adds its training loss as `forward`; the registry
+An architecture (`topk.py`, `gated.py`, `relu.py`, `kl.py`) adds its training loss as `forward`; the registry
 (`registry.py`) maps `SaeConfig.architecture` and a saved folder's `architecture` key to its class.
 """
 
@@ -115,8 +115,8 @@ class SparseAutoencoder(nn.Module):
         """
         xn = self.normalise(x)
         if select_dtype == torch.float32:
-            values, indices = self.pre_acts(xn).topk(self.config.k, dim=1, sorted=False)
-            return TopK(values, indices)
+            gate_values, indices = self.pre_acts(xn).topk(self.config.k, dim=1, sorted=False)
+            return TopK(self.selected_values(xn, indices, gate_values), indices)
         low = self._encoder_product(select_dtype)((xn - self.b_dec).to(select_dtype))
         indices = torch.empty(len(xn), self.config.k, dtype=torch.long, device=xn.device)
         values = torch.empty(len(xn), self.config.k, dtype=xn.dtype, device=xn.device)
@@ -127,6 +127,11 @@ class SparseAutoencoder(nn.Module):
             indices[rows] = low[rows].float().add_(self.b_enc).topk(self.config.k, dim=1, sorted=False).indices
             values[rows] = self.encode_selected(xn[rows], indices[rows])
         return TopK(values, indices)
+
+    def selected_values(self, xn: torch.Tensor, indices: torch.Tensor, gate_values: torch.Tensor) -> torch.Tensor:
+        """Code values of the latents chosen by their pre-activations `gate_values`: those values
+        themselves, except where an architecture sets magnitudes apart from selection ('gated')."""
+        return gate_values
 
     def _encoder_product(self, dtype: torch.dtype) -> Linear:
         """x -> x @ W_enc with W_enc in `dtype` (prepacked on CPU in bfloat16: `lm/linear.py`), made once
@@ -146,6 +151,16 @@ class SparseAutoencoder(nn.Module):
         """(n, k) activations of the given latents of normalised inputs (differentiable)."""
         w = self.W_enc.t()[indices]  # (n, k, d_model)
         return F.relu(torch.einsum("nd,nkd->nk", xn - self.b_dec, w) + self.b_enc[indices])
+
+    def coactive_cosine(self, indices: torch.Tensor) -> torch.Tensor:
+        """Mean squared cosine between the decoder rows of latents chosen for the same token, over all
+        (n, k) codes' pairs (rows are unit-norm): the orthogonality penalty's term (differentiable)."""
+        k = indices.shape[1]
+        if k < 2:
+            return self.W_dec.new_zeros(())
+        rows = self.W_dec[indices]  # (n, k, d_model)
+        gram = rows @ rows.transpose(1, 2)
+        return (gram.pow(2).sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).pow(2).sum(1)).mean() / (k * (k - 1))
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:

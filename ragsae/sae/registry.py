@@ -12,11 +12,14 @@ from ..errors import RagsaeError, SaeLoadError
 from ..layout import SAE_CONFIG_FILE, SAE_READABLE_VERSIONS, SAE_WEIGHTS_FILE
 from ..storage import file_sha256, read_versioned_json
 from .base import SparseAutoencoder
+from .gated import GatedSae
 from .kl import KlSae
 from .relu import ReluSae
 from .topk import TopKSae
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {cls.architecture: cls for cls in (TopKSae, ReluSae, KlSae)}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    cls.architecture: cls for cls in (TopKSae, ReluSae, KlSae, GatedSae)
+}
 assert tuple(ARCHITECTURES) == SAE_ARCHITECTURES, "every configurable architecture has a class"
 
 

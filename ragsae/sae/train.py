@@ -1,4 +1,5 @@
-"""Training an SAE on captured activations: Adam with warm-up and cosine decay, unit-norm decoder rows."""
+"""Training an SAE on captured activations: Adam with warm-up and cosine decay, unit-norm decoder rows,
+an optional orthogonality penalty on co-firing latents' decoder rows."""
 
 from __future__ import annotations
 
@@ -121,6 +122,8 @@ def train_sae(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = sae(batch, dead_mask=dead)
                 loss = out.fvu + out.aux_loss
+                if config.ortho_coef:
+                    loss = loss + config.ortho_coef * sae.coactive_cosine(out.indices)
             optimiser_step(sae, optimiser, loss, config.grad_clip)
             scheduler.step()
             with torch.no_grad():
