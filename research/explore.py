@@ -46,6 +46,15 @@ shared-sae
     other collection's own default SAE, and one SAE (default config) trained on the passages of
     this collection and the others together; all scored on this collection. Columns: FVU and dead
     fraction on this collection's passages.
+promptreps
+    A lexical channel from the LLM itself (PromptReps, Zhuang et al. 2024): each passage in the chat
+    template's user turn 'Passage: "TEXT"' + "Use one word to represent the passage in a retrieval task.
+    Make sure your word is in lowercase.", the assistant turn opened with 'The word is "'; its vector is
+    log1p(relu(next-token logits)) on the vocabulary ids of its own words, stopwords left out (queries
+    likewise, with 'Query: '). Passage vectors are cached under CACHE_DIR/promptreps. Rows: the SAE codes,
+    the lexical vectors alone (dot product), the two runs fused over the union of their top 100 (scores
+    divided by the query's best, the lexical run weighted 0.25, 0.5 or 1.0) and reciprocal-rank fusion
+    (k = 60). Columns: lexical forward time per passage, non-zeros per passage vector.
 
 These are explorations, not the benchmark: they try directions before any of them becomes a library
 option. The results kept (quoted, with their command) feed `benchmarks/README.md`. Each run writes
@@ -59,6 +68,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as _dt
+import hashlib
 import logging
 import re
 import sys
@@ -99,7 +109,7 @@ from ragsae.retrieval import (
     top_k,
 )
 from ragsae.sae import SparseAutoencoder, evaluate_sae, optimiser_step
-from ragsae.storage import write_json_atomic, write_text_atomic
+from ragsae.storage import atomic_output, write_json_atomic, write_text_atomic
 from ragsae.text import STOPWORD_LISTS, Passage, fingerprint, split_passages
 
 DEPTH = 100
@@ -114,6 +124,7 @@ STUDIES = (
     "contrastive",
     "shared-sae",
     "echo",
+    "promptreps",
 )
 
 QUERY_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -149,6 +160,19 @@ SPAN_WORDS = (4, 12)
 """Pseudo-query length range in words."""
 FVU_ROWS = 100_000
 """Activation rows (the first ones) on which a fine-tuned SAE's FVU and dead fraction are measured."""
+
+PROMPTREPS_USER = (
+    '{label}: "{text}"\nUse one word to represent the {kind} in a retrieval task. Make sure your word is in lowercase.'
+)
+"""PromptReps' user turn (Zhuang et al. 2024), `label` "Passage" or "Query", `kind` "passage" or "query"."""
+PROMPTREPS_ANSWER = 'The word is "'
+"""The assistant turn's opening, after the chat template's generation prompt: the next token starts the word."""
+PROMPTREPS_RULE = "1"
+"""Bumped when the vocabulary kept per text changes (`text_vocabularies`); part of the cache key."""
+PROMPTREPS_WEIGHTS = (0.25, 0.5, 1.0)
+"""Weights of the lexical run's max-normalised scores added to the SAE run's."""
+RRF_K = 60
+"""Reciprocal-rank fusion constant (Cormack et al. 2009)."""
 
 
 # --- collection and default setup --------------------------------------------------------------
@@ -263,13 +287,21 @@ def run_metrics(collection: Collection, scores: np.ndarray, ids: np.ndarray) -> 
     return evaluate(to_document_run(scores, ids, collection.qids, collection.doc_ids), collection.qrels)["aggregate"]
 
 
+def sparse_run(
+    setup: Setup, docs: PooledCodes, queries: PooledCodes, sae: SparseAutoencoder | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The library's sparse scoring (`Retriever`, configured BM25) of pooled codes: passage hits
+    (scores, ids), each (nq, DEPTH)."""
+    w_dec = (sae or setup.sae).W_dec.detach().cpu().numpy()
+    retriever = Retriever.over(docs.codes, docs.lengths, w_dec, setup.build.scoring)
+    return retriever.search(queries.codes, DEPTH, "sparse")
+
+
 def sparse_metrics(
     setup: Setup, docs: PooledCodes, queries: PooledCodes, sae: SparseAutoencoder | None = None
 ) -> dict[str, float]:
     """The library's sparse scoring (`Retriever`, configured BM25) of pooled codes, evaluated."""
-    w_dec = (sae or setup.sae).W_dec.detach().cpu().numpy()
-    retriever = Retriever.over(docs.codes, docs.lengths, w_dec, setup.build.scoring)
-    return run_metrics(setup.collection, *retriever.search(queries.codes, DEPTH, "sparse"))
+    return run_metrics(setup.collection, *sparse_run(setup, docs, queries, sae))
 
 
 def bm25_scores(docs: PooledCodes, query_weights: sp.csr_matrix, k1: float, b: float) -> np.ndarray:
@@ -887,6 +919,167 @@ def study_echo(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# --- study: promptreps --------------------------------------------------------------------------
+def promptreps_prompts(tokenizer: Any, texts: list[str], kind: str) -> list[str]:
+    """Each text in PromptReps' user turn through the tokenizer's chat template, with the generation
+    prompt and the assistant's opening `PROMPTREPS_ANSWER` (`kind`: "passage" or "query")."""
+    prompts = []
+    for text in texts:
+        user = PROMPTREPS_USER.format(label=kind.capitalize(), text=text, kind=kind)
+        turn = [{"role": "user", "content": user}]
+        chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        prompts.append(chat + PROMPTREPS_ANSWER)
+    return prompts
+
+
+def text_vocabularies(tokenizer: Any, texts: list[str], stopwords: frozenset[str]) -> list[np.ndarray]:
+    """Per text, the sorted vocabulary ids its lexical vector keeps: for each word of the lowercased text
+    (a run of letters and digits with a letter in it) that is not a stopword, every token of the word
+    tokenised alone (its form right after the opening quote, which the prompt asks for in lowercase) and
+    the first token of " " + word (its form inside running text). PromptReps keeps the text's own
+    lowercased words, English stopwords and punctuation left out, the same way."""
+    words = [
+        {w for w in re.findall(r"\w*[^\W\d_]\w*", text.lower()) if w not in stopwords}  # at least one letter
+        for text in texts
+    ]
+    unique = sorted(set().union(*words))
+    plain = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+    spaced = tokenizer([" " + w for w in unique], add_special_tokens=False)["input_ids"] if unique else []
+    ids = {w: {*p, *s[:1]} for w, p, s in zip(unique, plain, spaced)}
+    return [np.array(sorted(set().union(*(ids[w] for w in ws))), dtype=np.int64) for ws in words]
+
+
+def promptreps_vectors(
+    llm: LoadedLlm, texts: list[str], kind: str, stopwords: frozenset[str], batch_size: int, progress: bool = False
+) -> tuple[sp.csr_matrix, float]:
+    """PromptReps lexical vectors (n_texts, vocab) as CSR, and the seconds the forward passes took.
+
+    One full forward per prompt (`promptreps_prompts`), the LM head applied at the last position only
+    (`logits_to_keep=1`): log1p(relu(next-token logits)), kept on the text's `text_vocabularies`. Prompts
+    are batched by length and padded on the left, with position ids counted from each prompt's first
+    token, so that the last position is every prompt's own and its logits match an unpadded pass.
+    """
+    tokenizer, model = llm.tokenizer, llm.model
+    with llm.lock:  # a fast tokenizer is shared state
+        prompt_ids = tokenizer(promptreps_prompts(tokenizer, texts, kind), add_special_tokens=False)["input_ids"]
+        vocab = text_vocabularies(tokenizer, texts, stopwords)
+    width = int(model.config.vocab_size)
+    order = np.argsort([len(ids) for ids in prompt_ids], kind="stable")
+    rows: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(texts)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for lo in tqdm(range(0, len(order), batch_size), desc=f"PromptReps {kind}s", disable=not progress):
+            batch = order[lo : lo + batch_size]
+            longest = max(len(prompt_ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), longest), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(batch):
+                input_ids[row, longest - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+                mask[row, longest - len(prompt_ids[i]) :] = 1
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            out = model(
+                input_ids=input_ids.to(llm.device),
+                attention_mask=mask.to(llm.device),
+                position_ids=positions.to(llm.device),
+                logits_to_keep=1,
+            )
+            weights = torch.log1p(torch.relu(out.logits[:, -1].float())).cpu().numpy()
+            for row, i in enumerate(batch):
+                rows[i] = weights[row, vocab[i]]
+    seconds = time.perf_counter() - started
+    lengths = np.array([len(v) for v in vocab], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([np.empty(0, dtype=np.int64), *vocab])
+    data = np.concatenate([np.empty(0, dtype=np.float32), *rows]).astype(np.float32)
+    vectors = sp.csr_matrix((data, indices, indptr), shape=(len(texts), width))
+    vectors.eliminate_zeros()  # relu zeros
+    return vectors, seconds
+
+
+def promptreps_passages(setup: Setup, stopwords: frozenset[str], progress: bool = True) -> tuple[sp.csr_matrix, float]:
+    """The passages' PromptReps vectors and the seconds their forward took, cached under
+    CACHE_DIR/promptreps keyed by the model's weights and dtype, the prompt, the kept vocabulary's rule and
+    stopwords, and the passages (the seconds are those of the run that filled the cache)."""
+    collection, llm = setup.collection, setup.collection.llm
+    parts = [llm.activation_key, PROMPTREPS_USER, PROMPTREPS_ANSWER, PROMPTREPS_RULE]
+    identity = "|".join([*parts, fingerprint(sorted(stopwords)), fingerprint(collection.texts)])
+    path = collection.cache_root / "promptreps" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            shape = tuple(int(n) for n in saved["shape"])
+            vectors = sp.csr_matrix((saved["data"], saved["indices"], saved["indptr"]), shape=shape)
+            return vectors, float(saved["seconds"])
+    batch_size = setup.build.capture.batch_size
+    vectors, seconds = promptreps_vectors(llm, collection.texts, "passage", stopwords, batch_size, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as handle:
+        arrays = {"data": vectors.data, "indices": vectors.indices, "indptr": vectors.indptr}
+        np.savez(handle, **arrays, shape=np.array(vectors.shape), seconds=np.array(seconds))
+    return vectors, seconds
+
+
+def fuse_runs(
+    runs: list[tuple[np.ndarray, np.ndarray]], weights: list[float], depth: int, rrf_k: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Passage hits (scores, ids), each (nq, k) padded with -1, fused per query over the union of the
+    runs' passages; a passage missing from a run gets 0 from it. Each run adds weight * score / the
+    query's best score in that run (0 when that is not positive), or with `rrf_k` weight / (rrf_k + rank),
+    rank counted from 1 (reciprocal-rank fusion). Returns the best `depth` as (scores, ids), each
+    (nq, depth), padded with -inf / -1."""
+    nq = len(runs[0][0])
+    fused_scores = np.full((nq, depth), -np.inf)
+    fused_ids = np.full((nq, depth), -1, dtype=np.int64)
+    for q in range(nq):
+        total: dict[int, float] = {}
+        for (scores, ids), weight in zip(runs, weights):
+            hit = (ids[q] >= 0) & np.isfinite(scores[q])
+            if rrf_k is not None:
+                values = weight / (rrf_k + 1.0 + np.flatnonzero(hit))
+            else:
+                best = scores[q][hit].max(initial=0.0)
+                values = weight * scores[q][hit] / best if best > 0 else np.zeros(int(hit.sum()))
+            for pid, value in zip(ids[q][hit].tolist(), values.tolist()):
+                total[pid] = total.get(pid, 0.0) + value
+        best_first = sorted(total.items(), key=lambda item: -item[1])[:depth]
+        fused_ids[q, : len(best_first)] = [pid for pid, _ in best_first]
+        fused_scores[q, : len(best_first)] = [value for _, value in best_first]
+    return fused_scores, fused_ids
+
+
+def study_promptreps(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The SAE codes, PromptReps lexical vectors from the LLM alone (dot product), the two fused by
+    max-normalised scores (weight on the lexical run) and by reciprocal rank."""
+    collection, build = setup.collection, setup.build
+    stopwords = STOPWORD_LISTS[build.capture.query_stopwords]
+    docs = pool(setup, setup.acts, progress=True)
+    sae = sparse_run(setup, docs, pool(setup, setup.query_acts))
+    passages, passage_seconds = promptreps_passages(setup, stopwords)
+    queries, query_seconds = promptreps_vectors(
+        collection.llm, collection.query_texts, "query", stopwords, build.capture.batch_size
+    )
+    lexical = sparse_search(queries, inverted_index(passages), DEPTH)
+    columns = {
+        "lexical forward ms/passage": 1e3 * passage_seconds / passages.shape[0],
+        "non-zeros/passage": per_row(passages),
+    }
+    details = {
+        "lexical_seconds": {"passages": passage_seconds, "queries": query_seconds},
+        "lexical_nonzeros_per_query": per_row(queries),
+        "lexical_device": str(collection.llm.device),
+        "lexical_dtype": collection.llm.dtype_name,
+    }
+    rows = [
+        result_row("SAE codes (default)", run_metrics(collection, *sae), {"non-zeros/passage": per_row(docs.codes)}),
+        result_row("PromptReps lexical alone", run_metrics(collection, *lexical), columns, **details),
+    ]
+    for weight in PROMPTREPS_WEIGHTS:
+        fused = fuse_runs([sae, lexical], [1.0, weight], DEPTH)
+        rows.append(result_row(f"fused w={weight}", run_metrics(collection, *fused), lexical_weight=weight))
+    rrf = fuse_runs([sae, lexical], [1.0, 1.0], DEPTH, rrf_k=RRF_K)
+    rows.append(result_row(f"RRF (k={RRF_K})", run_metrics(collection, *rrf), rrf_k=RRF_K))
+    return rows
+
+
 STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, Any]]]] = {
     "scoring": study_scoring,
     "feedback": study_feedback,
@@ -897,6 +1090,7 @@ STUDY_FUNCTIONS: dict[str, Callable[[Setup, argparse.Namespace], list[dict[str, 
     "contrastive": study_contrastive,
     "shared-sae": study_shared_sae,
     "echo": study_echo,
+    "promptreps": study_promptreps,
 }
 STUDY_OPTIONS = {
     "multilayer": ("other_layer", "other_epochs"),

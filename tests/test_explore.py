@@ -95,3 +95,28 @@ def test_shared_sae_study_scores_own_other_and_shared_saes(tiny_build_config, ti
     again = explore.study_shared_sae(setup, args)
     assert sorted((tmp_path / "cache" / "sae").iterdir()) == trained
     assert [row["metrics"] for row in again] == [row["metrics"] for row in rows]
+
+
+def test_promptreps_vectors_pad_on_the_left_keep_the_texts_words_and_fuse(tiny_llm):
+    texts = ["The thermometer measures temperature.", "Axons end in synaptic knobs, the terminals of a neuron.", "x"]
+    stopwords = frozenset({"the", "of", "a", "in"})
+    batched, _ = explore.promptreps_vectors(tiny_llm, texts, "passage", stopwords, batch_size=3)
+    alone, _ = explore.promptreps_vectors(tiny_llm, texts, "passage", stopwords, batch_size=1)
+    np.testing.assert_allclose(batched.toarray(), alone.toarray(), atol=1e-4)  # the last position is each prompt's own
+    tokenizer = tiny_llm.tokenizer
+    vocab = explore.text_vocabularies(tokenizer, texts, stopwords)
+    forms = ("thermometer", " thermometer", " the", "the")
+    ids = {w: tokenizer(w, add_special_tokens=False)["input_ids"] for w in forms}
+    assert set(ids["thermometer"]) | set(ids[" thermometer"][:1]) <= set(vocab[0].tolist())
+    assert not (set(ids["the"]) | set(ids[" the"])) & set(vocab[0].tolist())  # a stopword
+    for row, kept in enumerate(vocab):
+        assert set(batched[row].indices.tolist()) <= set(kept.tolist()) and (batched[row].data > 0).all()
+    assert batched.shape == (3, tiny_llm.model.config.vocab_size)
+
+    sae = (np.array([[4.0, 2.0, 1.0]]), np.array([[0, 1, 2]]))
+    lexical = (np.array([[3.0, 3.0, -np.inf]]), np.array([[2, 3, -1]]))
+    scores, fused = explore.fuse_runs([sae, lexical], [1.0, 0.5], 5)
+    assert fused.tolist() == [[0, 2, 1, 3, -1]]  # 1, 0.25 + 0.5, 0.5, 0.5, padding
+    np.testing.assert_allclose(scores, [[1.0, 0.75, 0.5, 0.5, -np.inf]])
+    _, rrf = explore.fuse_runs([sae, lexical], [1.0, 1.0], 5, rrf_k=60)
+    assert rrf.tolist() == [[2, 0, 1, 3, -1]]  # 1/63 + 1/61, 1/61, 1/62, 1/62
