@@ -218,5 +218,8 @@ def capture(
                 out[layer][offsets[i] : offsets[i + 1]] = rows if masks[i] is None else rows[masks[i]]
     for layer, values in out.items():
         if not np.isfinite(values).all():
-            raise ModelError(f"layer {layer} activations overflow float16 storage (try dtype float32 or another layer)")
+            raise ModelError(
+                f"layer {layer} activations overflow float16 storage, whatever the model's dtype: "
+                "choose an earlier layer"
+            )
     return {layer: TokenActivations(values, offsets) for layer, values in out.items()}

