@@ -261,3 +261,117 @@ def test_a_layer_the_bundled_model_lacks_fails_before_it_loads(monkeypatch):
     monkeypatch.setattr(build_module, "load_llm", never)
     with pytest.raises(ModelError, match=rf"layer {layers + 1} does not exist: .* has layers 0\.\.{layers}"):
         Index.build(["some text"], None, BuildConfig(capture=CaptureConfig(layer=layers + 1)))
+
+
+# A warm load leaves the model unbuilt: the trunk reads the cache entry, the model is built on first use.
+
+PROBE_IDS = torch.tensor([[5, 17, 300, 2048, 9, 77, 1]])
+
+
+def test_a_warm_load_builds_the_model_only_when_first_used(cache_dir, fake_gguf):
+    config, calls = fake_gguf
+    cold = load_llm(config)
+    warm = load_llm(config)
+    assert cold.model_built and not warm.model_built
+    assert "not built" in repr(warm) and "not built" not in repr(cold)
+    assert (warm.num_layers, warm.d_model) == (cold.num_layers, cold.d_model) == (4, 64)
+    for layer in (2, 4):  # a deeper trunk is read again from the entry
+        fast, reference = warm.trunk(layer)(PROBE_IDS, [1, layer]), cold.trunk(layer)(PROBE_IDS, [1, layer])
+        assert all(torch.equal(fast[k], reference[k]) for k in (1, layer))
+    assert warm.trunk(3) is warm.trunk(4) and not warm.model_built
+    assert warm.model is warm.model and warm.model_built and not warm.model.training
+    assert calls == ["tiny.gguf"]  # built from the cache entry, not the GGUF file
+    assert_same_llm(cold, warm)
+    prompt = cold.tokenizer("The csv module", return_tensors="pt")
+    generated = [llm.model.generate(**prompt, max_new_tokens=6, do_sample=False) for llm in (cold, warm)]
+    assert torch.equal(*generated)
+
+
+def test_capture_on_a_warm_load_leaves_the_model_unbuilt(cache_dir, fake_gguf):
+    config, _ = fake_gguf
+    cold = load_llm(config)
+    warm = load_llm(config)
+    fast, reference = cached_activations(warm), cached_activations(cold)
+    assert all(np.array_equal(fast[layer].values, reference[layer].values) for layer in fast)
+    assert not warm.model_built
+
+
+def test_threads_that_first_use_the_model_at_once_build_it_once(cache_dir, fake_gguf, monkeypatch):
+    import threading
+    import time
+
+    config, _ = fake_gguf
+    load_llm(config)
+    warm = load_llm(config)
+    real, built = llm_module.load_model, []
+
+    def slow_load(*args):
+        time.sleep(0.2)  # the other threads arrive meanwhile
+        built.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(llm_module, "load_model", slow_load)
+    models: list = []
+    threads = [threading.Thread(target=lambda: models.append(warm.model)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1 and len(models) == 4 and all(m is models[0] for m in models)
+
+
+def stamp_of_another_transformers(entry: Path) -> None:
+    """What another ragsae install sharing the cache leaves: an entry it rewrote, valid for it alone."""
+    other_transformers(entry)
+    weights = entry / weights_cache.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes())  # a new file: its modification time changes
+
+
+@pytest.mark.parametrize("damage", [garble_weights_header, stamp_of_another_transformers])
+def test_an_entry_changed_after_a_warm_load_is_not_read(cache_dir, fake_gguf, damage, caplog):
+    config, calls = fake_gguf
+    cold = load_llm(config)
+    warm = load_llm(config)
+    entry = the_entry(cache_dir)
+    damage(entry)
+    with caplog.at_level(logging.WARNING, logger="ragsae.lm"):
+        trunk = warm.trunk(2)
+    assert str(entry) in caplog.text
+    assert warm.model_built and calls == ["tiny.gguf", "tiny.gguf"]  # the model was built from the GGUF file
+    assert torch.equal(trunk(PROBE_IDS, [2])[2], cold.trunk(2)(PROBE_IDS, [2])[2])
+    assert_same_llm(cold, warm)
+    assert not load_llm(config).model_built and calls == ["tiny.gguf", "tiny.gguf"]  # the entry was written again
+
+
+def test_a_model_the_trunk_cannot_read_from_files_loads_whole(cache_dir, fake_gguf, monkeypatch):
+    config, _ = fake_gguf
+    load_llm(config)
+    entry_config = the_entry(cache_dir) / "config.json"
+    scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    entry_config.write_text(json.dumps({**json.loads(entry_config.read_text()), "rope_parameters": scaled}))
+    monkeypatch.setattr(weights_cache, "entry_problem", lambda *args: None)  # the stamp's sizes no longer match
+    llm = load_llm(config)
+    assert llm.model_built and llm.model.config.rope_parameters["rope_type"] == "linear"
+    assert llm.trunk(2) is not None  # on the model, whose rotary module computes this RoPE
+
+
+def test_a_warm_load_imports_no_modeling_code(cache_dir, fake_gguf):
+    """A fresh process that loads from a warm cache and runs the trunk never imports transformers'
+    modeling code (nor builds the model)."""
+    import subprocess
+    import sys
+
+    config, _ = fake_gguf
+    load_llm(config)  # writes the entry
+    script = (
+        "import json, sys, torch\n"
+        "from ragsae.config import LlmConfig\n"
+        "from ragsae.lm import load_llm\n"
+        f"llm = load_llm(LlmConfig(model={config.model!r}, gguf_file='tiny.gguf', device='cpu', dtype='float32'))\n"
+        "llm.trunk(3)(torch.tensor([[1, 2, 3]]), [3])\n"
+        "modeling = sorted(m for m in sys.modules if m == 'transformers.modeling_utils' or '.modeling_llama' in m)\n"
+        "print(json.dumps({'built': llm.model_built, 'modeling': modeling}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"built": False, "modeling": []}

@@ -8,12 +8,13 @@ from test_capture import TEXTS
 from torch.testing import assert_close
 
 from ragsae.capture import capture
-from ragsae.lm.loading import LoadedLlm
-from ragsae.lm.trunk import LlamaTrunk, trunk_unsupported_reason
+from ragsae.lm import weights_cache
+from ragsae.lm.loading import LoadedLlm, load_model, open_cached_weights
+from ragsae.lm.trunk import DefaultRope, LlamaTrunk, trunk_spec, trunk_unsupported_reason
 
 
-def tiny_model(model_type: str, **extra):
-    """A randomly initialised 3-layer causal LM of the given family, in float32."""
+def tiny_model(model_type: str, layers: int = 3, **extra):
+    """A randomly initialised causal LM of the given family (3 layers), in float32."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -22,17 +23,22 @@ def tiny_model(model_type: str, **extra):
         vocab_size=97,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
         **extra,
     )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    if model_type == "qwen2":  # q/k/v biases start at zero: make them matter
-        with torch.no_grad():
-            for block in model.model.layers:
-                for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+    with torch.no_grad():  # biases (Qwen2's q/k/v, Llama's with attention_bias) start at zero: make them matter
+        for block in model.model.layers:
+            for proj in (
+                block.self_attn.q_proj,
+                block.self_attn.k_proj,
+                block.self_attn.v_proj,
+                block.self_attn.o_proj,
+            ):
+                if proj.bias is not None:
                     proj.bias.normal_()
     return model
 
@@ -159,3 +165,116 @@ def test_real_model_activations_are_bit_identical(monkeypatch):
         within_one_step = np.abs(a - b) <= 2**-7 * np.abs(b) + 0.05
         assert within_one_step.mean() > 0.9, within_one_step.mean()
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.01, np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# The trunk without the model: read from a cache entry's safetensors file with its config.json.
+
+
+@pytest.mark.parametrize("theta", [10000.0, 100000.0, 1000000.0, 500000])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_own_rope_is_transformers_rope_bit_for_bit(theta, head_dim):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    sizes = dict(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    rope = {"rope_type": "default", "rope_theta": theta}
+    ours = DefaultRope(theta, head_dim)
+    positions = torch.arange(8192)[None]  # past max_position_embeddings: the default RoPE does not care
+    for module in (
+        LlamaRotaryEmbedding(LlamaConfig(**sizes, head_dim=head_dim, rope_parameters=rope)),
+        MistralRotaryEmbedding(MistralConfig(**sizes, head_dim=head_dim, rope_parameters=rope)),
+        Qwen2RotaryEmbedding(Qwen2Config(**sizes, rope_parameters=rope)),  # head size hidden_size / heads
+    ):
+        assert torch.equal(ours.inv_freq, module.inv_freq) and module.attention_scaling == 1.0
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.zeros(1, 3, 4 * head_dim, dtype=dtype)
+            for got, want in zip(ours(x, positions), module(x, positions)):
+                assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+
+
+def cache_entry_of(model, tokenizer, dtype: torch.dtype, folder) -> tuple:
+    """`model` saved and loaded back in `dtype` (as load_llm reads a model: the rotary inverse frequencies
+    stay float32, which `model.to(dtype)` would round), written as a cache entry; (entry weights, model)."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(folder / "source")
+    loaded = AutoModelForCausalLM.from_pretrained(folder / "source", dtype=dtype).eval()
+    digest = "cd" * 32
+    weights_cache.write_entry(loaded, tokenizer, digest, dtype, root=folder / "cache")
+    return digest, loaded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("model_type", "extra"), [*FAMILIES, ("llama", {"attention_bias": True})])
+def test_trunk_read_from_the_cache_entry_is_bit_identical(model_type, extra, dtype, tokenizer, tmp_path, monkeypatch):
+    """Trunk read from the file == trunk on the model == the model's own forward, exactly."""
+    monkeypatch.setenv(weights_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    digest, _ = cache_entry_of(tiny_model(model_type, layers=4, **extra), tokenizer, dtype, tmp_path)
+    weights = open_cached_weights(digest, dtype)
+    assert weights is not None and weights.spec.rope_theta is not None
+    model = load_model(str(weights.folder), dtype, None).eval()  # what the lazy LoadedLlm builds
+    lazy = LlamaTrunk.from_safetensors(weights.weights_path, weights.spec, 3, torch.device("cpu"))
+    eager = LlamaTrunk(model, 3)
+    assert (lazy.fused, lazy.packed) == (eager.fused, eager.packed)
+    ids = torch.randint(0, 97, (1, 13))
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # [3] is before the final norm: 4 layers
+    from_file, from_model = lazy(ids, [0, 1, 2, 3]), eager(ids, [0, 1, 2, 3])
+    for layer in (0, 1, 2, 3):
+        assert torch.equal(from_file[layer], from_model[layer]) and torch.equal(from_file[layer], hidden[layer])
+    batch = torch.randint(0, 97, (3, 9))  # right-padded, batch-invariant products: the same ops either way
+    for rows in (None, 16):
+        got = lazy(batch, [3], rows, [9, 4, 6] if rows else None)[3]
+        assert torch.equal(got, eager(batch, [3], rows, [9, 4, 6] if rows else None)[3])
+
+
+def test_the_spec_takes_only_what_the_trunk_computes_exactly():
+    config = tiny_model("llama").config.to_dict()
+    spec = trunk_spec(config)
+    assert (spec.head_dim, spec.scale, spec.rope_theta, spec.max_length) == (16, 16**-0.5, 10000.0, None)
+    assert trunk_spec({**config, "head_dim": None}).head_dim == 16  # hidden_size / heads
+    scaled = {**config, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
+    assert trunk_spec(scaled).rope_theta is None
+    partial = {**config, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}
+    assert trunk_spec(partial).rope_theta is None
+    with pytest.raises(ValueError, match="default RoPE"):
+        LlamaTrunk.from_tensors(trunk_spec(scaled), {}, 1)
+    for bad, reason in [
+        ({"hidden_act": "gelu"}, "activation"),
+        ({"mlp_bias": True}, "MLP biases"),
+        ({"model_type": "gemma3_text"}, "model type"),
+        ({"rms_norm_eps": None}, "rms_norm_eps"),
+        ({"num_key_value_heads": 3}, "key-value heads"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            trunk_spec({**config, **bad})
+    mistral = tiny_model("mistral", sliding_window=8).config.to_dict()
+    assert trunk_spec(mistral).max_length == 8
+    with pytest.raises(ValueError, match="sliding_window"):  # its config class would default it to 4096
+        trunk_spec({k: v for k, v in mistral.items() if k != "sliding_window"})
+    qwen2 = tiny_model("qwen2", use_sliding_window=False).config.to_dict()
+    assert (trunk_spec(qwen2).qkv_bias, trunk_spec(qwen2).out_bias, trunk_spec(qwen2).max_length) == (True, False, None)
+
+
+def test_the_model_path_keeps_other_ropes():
+    """A model with scaled RoPE still runs on the trunk built on it (its own rotary module)."""
+    model = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert trunk_unsupported_reason(model) is None
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    assert torch.equal(LlamaTrunk(model, 2)(ids, [2])[2], hidden[2])
+
+
+def test_tensors_of_another_shape_are_refused():
+    model = tiny_model("llama")
+    spec = trunk_spec(model.config.to_dict())
+    tensors = dict(model.state_dict())
+    tensors["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.q_proj.weight"]
+    with pytest.raises(ValueError, match="k_proj"):
+        LlamaTrunk.from_tensors(spec, tensors, 2)
+    del tensors["model.embed_tokens.weight"]
+    with pytest.raises(ValueError, match="embed_tokens"):
+        LlamaTrunk.from_tensors(spec, tensors, 0)

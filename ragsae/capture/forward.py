@@ -161,7 +161,6 @@ def capture(
     grabbed: dict[int, torch.Tensor] = {}
     top = max(layers)
     trunk = llm.trunk(top)  # same activations as the hooked forward, faster; None if unsupported
-    blocks = llm.blocks()
 
     def make_hook(layer: int):
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
@@ -174,6 +173,7 @@ def capture(
     def hooked_forward(input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         # Hooks only around this forward: the trunk path leaves the shared model untouched, so that
         # another thread may generate with it meanwhile.
+        blocks = llm.blocks()  # only here: asking for them builds a lazily loaded model
         handles = [
             (llm.model.get_input_embeddings() if layer == 0 else blocks[layer - 1]).register_forward_hook(
                 make_hook(layer)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..config import LlmConfig
 from ..errors import ModelError
 from ..storage import atomic_output, file_sha256
 from . import weights_cache
-from .trunk import LlamaTrunk, trunk_unsupported_reason
+from .trunk import LlamaTrunk, TrunkSpec, trunk_spec, trunk_unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -256,20 +257,63 @@ def model_fingerprint(config: LlmConfig, gguf_sha256: str | None = None) -> tupl
     return config.model + (f"/{config.gguf_file}" if config.gguf_file else ""), "hub:" + config.model
 
 
-@dataclass
 class LoadedLlm:
-    """A causal LM with its tokenizer and identity."""
+    """A causal LM with its tokenizer and identity.
 
-    model: Any
-    tokenizer: Any
-    model_id: str
-    model_hash: str
-    device: torch.device
-    dtype: torch.dtype = torch.float32
-    _trunk: LlamaTrunk | None = field(default=None, repr=False)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    """Held while the tokenizer is called or the trunk is built: a fast tokenizer's truncation settings
-    are shared state, so concurrent calls may fail ("Already borrowed")."""
+    `load_llm` on a warm cache leaves the transformers model unbuilt (`weights`, `build_model`): the trunk
+    reads its tensors from the cache entry, so a search never builds the model nor imports transformers'
+    modeling code. The first use of `model` (generation, the hooked forward, `blocks`) builds it, once.
+    A model given to the constructor is used as it is."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_id: str,
+        model_hash: str,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        weights: CachedWeights | None = None,
+        build_model: Callable[[], Any] | None = None,
+    ):
+        self._model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.model_hash = model_hash
+        self.device = device
+        self.dtype = dtype
+        self._weights = weights if model is None else None
+        self._build_model = build_model if model is None else None
+        self._trunk: LlamaTrunk | None = None
+        self.lock = threading.Lock()
+        """Held while the tokenizer is called or the trunk is built: a fast tokenizer's truncation settings
+        are shared state, so concurrent calls may fail ("Already borrowed")."""
+        self._model_lock = threading.Lock()  # taken inside `lock` (a trunk from the model), never around it
+
+    def __repr__(self) -> str:
+        state = "" if self.model_built else ", model not built yet"
+        return f"LoadedLlm({self.model_id!r}, {self.model_hash[:12]!r}, {self.device}, {self.dtype_name}{state})"
+
+    @property
+    def model(self) -> Any:
+        """The transformers model, built on first use where `load_llm` left it unbuilt."""
+        if self._model is None and self._build_model is not None:
+            with self._model_lock:  # threads that ask at once wait for one build
+                if self._model is None and self._build_model is not None:
+                    self._model = self._build_model()
+                    self._build_model = None
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        with self._model_lock:
+            self._model, self._build_model = model, None
+
+    @property
+    def model_built(self) -> bool:
+        """False until a lazily loaded model is first used."""
+        return self._model is not None or self._build_model is None
 
     @property
     def dtype_name(self) -> str:
@@ -282,23 +326,59 @@ class LoadedLlm:
         return f"{self.model_hash}|{self.dtype_name}"
 
     @property
+    def _unbuilt_weights(self) -> CachedWeights | None:
+        """The cache entry to read in place of the model, while the model is not built."""
+        return self._weights if self._model is None else None
+
+    @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        weights = self._unbuilt_weights
+        return weights.spec.num_layers if weights is not None else int(self.model.config.num_hidden_layers)
 
     @property
     def d_model(self) -> int:
-        return int(self.model.config.hidden_size)
+        weights = self._unbuilt_weights
+        return weights.spec.hidden_size if weights is not None else int(self.model.config.hidden_size)
 
     def trunk(self, layer: int) -> LlamaTrunk | None:
         """The blocks up to `layer` as plain tensor operations (`trunk.py`), or None when this
-        architecture is not one it runs. Kept for reuse; rebuilt for a deeper layer or after the model
-        moved to another device or dtype."""
+        architecture is not one it runs. Read from the cache entry while the model is not built, else
+        made on the model. Kept for reuse; rebuilt for a deeper layer or after the model moved to
+        another device or dtype."""
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"layer {layer} outside 0..{self.num_layers}")
+        with self.lock:
+            kept = self._trunk
+            if kept is None or kept.layer < layer or kept.stale or self._model_moved_from(kept):
+                self._trunk = self._new_trunk(layer)
+            return self._trunk
+
+    def _model_moved_from(self, trunk: LlamaTrunk) -> bool:
+        """True when the built model's weights are no longer where `trunk`'s are (also for a trunk read
+        from the cache entry before the model was built and moved)."""
+        if self._model is None:
+            return False
+        embeddings = self._model.get_input_embeddings().weight
+        return (embeddings.device, embeddings.dtype) != trunk.placement
+
+    def _new_trunk(self, layer: int) -> LlamaTrunk | None:
+        from safetensors import SafetensorError
+
+        weights = self._unbuilt_weights
+        if weights is not None:
+            try:
+                trunk = LlamaTrunk.from_safetensors(weights.weights_path, weights.spec, layer, self.device)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+                logger.warning(
+                    "cannot read the trunk from the cached LLM %s (%s); building the model", weights.folder, exc
+                )
+            else:
+                if weights.current():  # what was read is the validated entry's (or as good a one's)
+                    return trunk
+                logger.warning("the cached LLM %s changed while it was read; building the model", weights.folder)
         if trunk_unsupported_reason(self.model) is not None:
             return None
-        with self.lock:
-            if self._trunk is None or self._trunk.layer < layer or self._trunk.stale:
-                self._trunk = LlamaTrunk(self.model, layer)
-            return self._trunk
+        return LlamaTrunk(self.model, layer)
 
     def blocks(self) -> Any:
         """The list of transformer blocks, whatever the architecture calls it."""
@@ -320,8 +400,6 @@ def quiet_loading(quiet: bool, gguf: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    import functools
-
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -438,12 +516,26 @@ def check_declared_layer(config: LlmConfig, layer: int) -> None:
 
 def from_pretrained(source: str, dtype: torch.dtype, gguf_file: str | None) -> tuple[Any, Any]:
     """(tokenizer, model) of a folder, hub id or GGUF file in it, the model on the CPU in `dtype`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return load_tokenizer(source, gguf_file), load_model(source, dtype, gguf_file)
 
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    return tokenizer, model
+
+def load_tokenizer(source: str, gguf_file: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def load_model(source: str, dtype: torch.dtype, gguf_file: str | None) -> Any:
+    """The model on the CPU in `dtype` (this imports transformers' modeling code of its architecture)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def _discard_bad_entry(entry: Path, problem: Any) -> None:
+    logger.warning("cannot read the cached LLM %s (%s); it will be rebuilt", entry, problem)
+    with contextlib.suppress(OSError):
+        weights_cache.discard_entry(entry)
 
 
 def load_cached(gguf_sha256: str, dtype: torch.dtype) -> tuple[Any, Any] | None:
@@ -458,9 +550,111 @@ def load_cached(gguf_sha256: str, dtype: torch.dtype) -> tuple[Any, Any] | None:
     try:
         return from_pretrained(str(entry), dtype, None)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        logger.warning("cannot read the cached LLM %s (%s); it will be rebuilt", entry, exc)
+        _discard_bad_entry(entry, exc)
+        return None
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@dataclass
+class CachedWeights:
+    """A cache entry (`weights_cache`) whose model the trunk runs from the entry's files alone: its
+    config.json read, its safetensors header checked to hold every tensor the trunk reads, in the
+    entry's dtype and of the config's shape (`open_cached_weights`)."""
+
+    folder: Path
+    gguf_sha256: str
+    dtype: torch.dtype
+    spec: TrunkSpec
+    identity: tuple[int, int, int]
+    """(inode, size, mtime) of the weights file when it was checked."""
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / weights_cache.WEIGHTS_FILE
+
+    def current(self) -> bool:
+        """True when the entry on disk is the one checked, or a replacement that passes the same checks:
+        one written meanwhile by another process (the same GGUF file, dtype and transformers give the
+        same tensors). A cache shared with another transformers version may swap the entry for one that
+        does not pass; what was read from it then must not be used."""
         with contextlib.suppress(OSError):
-            weights_cache.discard_entry(entry)
+            if _file_identity(self.weights_path) == self.identity:
+                return True
+        fresh = open_cached_weights(self.gguf_sha256, self.dtype)
+        if fresh is None or fresh.spec != self.spec:
+            return False
+        self.identity = fresh.identity
+        return True
+
+
+def _header_mismatch(weights: Any, spec: TrunkSpec, dtype: torch.dtype) -> str | None:
+    """The first tensor the trunk reads that an open safetensors file lacks or holds in another dtype
+    or shape than `dtype` and the config's, or None (the header alone is read)."""
+    names = set(weights.keys())
+    for name, shape in spec.tensor_shapes(spec.num_layers).items():
+        if name not in names:
+            return f"no tensor {name}"
+        header = weights.get_slice(name)
+        found = (header.get_dtype(), tuple(header.get_shape()))
+        if found != (_SAFETENSORS_DTYPES.get(dtype), shape):
+            return f"tensor {name} is {found[0]} {list(found[1])}, not {dtype} {list(shape)}"
+    return None
+
+
+def open_cached_weights(gguf_sha256: str, dtype: torch.dtype) -> CachedWeights | None:
+    """The cache entry of this GGUF file and dtype, for a model the trunk runs from its files; None when
+    there is no usable entry (a bad one is logged and discarded, as `load_cached` does) or the trunk
+    cannot run it from the files (`load_cached` then reads the model whole, and checks the entry so)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    entry = weights_cache.find_entry(gguf_sha256, dtype)
+    if entry is None:
+        return None
+    try:
+        config = json.loads((entry / "config.json").read_text(encoding="utf-8"))
+        spec = trunk_spec(config if isinstance(config, dict) else {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _discard_bad_entry(entry, exc)
+        return None
+    except ValueError as exc:  # a model the trunk does not run
+        logger.debug("the trunk does not run the cached LLM %s: %s", entry, exc)
+        return None
+    if spec.rope_theta is None:
+        return None
+    path = entry / weights_cache.WEIGHTS_FILE
+    try:
+        identity = _file_identity(path)
+        with safe_open(str(path), framework="pt") as weights:
+            mismatch = _header_mismatch(weights, spec, dtype)
+    except (OSError, SafetensorError) as exc:  # an unreadable header, which transformers would fail on too
+        _discard_bad_entry(entry, exc)
+        return None
+    if mismatch is not None:  # a readable file the trunk does not understand: the model, loaded whole, decides
+        logger.warning("the trunk cannot read %s (%s); loading the model whole", path, mismatch)
+        return None
+    return CachedWeights(entry, gguf_sha256, dtype, spec, identity)
+
+
+def open_cached(gguf_sha256: str, dtype: torch.dtype) -> tuple[Any, CachedWeights] | None:
+    """(tokenizer, weights) of the cache entry of this GGUF file and dtype, whose model is built only
+    when first used (`LoadedLlm`); None as `open_cached_weights` says."""
+    weights = open_cached_weights(gguf_sha256, dtype)
+    if weights is None:
+        return None
+    logger.info("reading the cached de-quantised LLM from %s (the model is built on first use)", weights.folder)
+    try:
+        return load_tokenizer(str(weights.folder), None), weights
+    except (OSError, ValueError, RuntimeError) as exc:
+        _discard_bad_entry(weights.folder, exc)
         return None
 
 
@@ -492,8 +686,10 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False, cache: boo
     A GGUF model (the bundled default, or `gguf_file` in a local folder) is de-quantised on its first
     load and kept de-quantised in ragsae's cache (`weights_cache`; `cache=False` neither reads nor
     writes it); later loads read that copy, which gives bit-identical activations. The model's
-    identity (`model_id`, `model_hash`) is the GGUF file's either way. `progress` shows transformers'
-    loading bars; what is loaded from where is logged at INFO."""
+    identity (`model_id`, `model_hash`) is the GGUF file's either way. A warm load of a model the trunk
+    runs (`trunk.py`) reads the tokenizer alone: the trunk reads its weights from the cached copy and
+    the model is built from it on first use (`LoadedLlm.model`). `progress` shows transformers' loading
+    bars; what is loaded from where is logged at INFO."""
     start = time.perf_counter()
     config = config or LlmConfig()
     device = resolve_device(config.device)
@@ -513,28 +709,20 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False, cache: boo
     model_id, model_hash = model_fingerprint(config, gguf_sha256)
     cache_key = gguf_sha256 if cache else None
     with quiet_loading(not progress, gguf=False):
-        loaded = load_cached(cache_key, dtype) if cache_key is not None else None
-    if loaded is None:
-        with quiet_loading(not progress, gguf=gguf is not None):
-            logger.info(
-                "loading LLM %s%s (%s)%s",
-                source,
-                f" [{gguf}]" if gguf else "",
-                weights_cache.dtype_name(dtype),
-                f": de-quantising the GGUF file, once; later loads read the de-quantised copy from "
-                f"{weights_cache.entry_path(cache_key, dtype)}"
-                if cache_key is not None
-                else "",
-            )
-            loaded = from_pretrained(source, dtype, gguf)
-            if cache_key is not None:
-                store_cached(loaded[1], loaded[0], cache_key, dtype)
-    tokenizer, model = loaded
-    model.to(device).eval()
+        lazy = open_cached(cache_key, dtype) if cache_key is not None else None
+        loaded = load_cached(cache_key, dtype) if cache_key is not None and lazy is None else None
+    model: Any = None
+    weights, build = None, None
+    if lazy is not None:  # the model is built on first use (`LoadedLlm.model`)
+        tokenizer, weights = lazy
+        build = functools.partial(build_model, weights, source, gguf, device, progress)
+    else:
+        tokenizer, model = loaded or load_from_source(source, gguf, cache_key, dtype, progress)
+        model.to(device).eval()
+        if model_hash.startswith("hub:"):  # pin the hub snapshot actually loaded
+            model_hash += "@" + str(getattr(model.config, "_commit_hash", None) or "unknown")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if model_hash.startswith("hub:"):  # pin the hub snapshot actually loaded
-        model_hash += "@" + str(getattr(model.config, "_commit_hash", None) or "unknown")
     logger.info(
         "LLM %s ready on %s (%s) in %.1f s",
         model_id,
@@ -542,4 +730,46 @@ def load_llm(config: LlmConfig | None = None, progress: bool = False, cache: boo
         weights_cache.dtype_name(dtype),
         time.perf_counter() - start,
     )
-    return LoadedLlm(model, tokenizer, model_id, model_hash, device, dtype)
+    return LoadedLlm(model, tokenizer, model_id, model_hash, device, dtype, weights=weights, build_model=build)
+
+
+def load_from_source(
+    source: str, gguf: str | None, cache_key: str | None, dtype: torch.dtype, progress: bool
+) -> tuple[Any, Any]:
+    """(tokenizer, model) of the folder, hub id or GGUF file itself; a GGUF file de-quantised here is
+    cached under `cache_key` (its hash), unless that is None."""
+    with quiet_loading(not progress, gguf=gguf is not None):
+        logger.info(
+            "loading LLM %s%s (%s)%s",
+            source,
+            f" [{gguf}]" if gguf else "",
+            weights_cache.dtype_name(dtype),
+            f": de-quantising the GGUF file, once; later loads read the de-quantised copy from "
+            f"{weights_cache.entry_path(cache_key, dtype)}"
+            if cache_key is not None
+            else "",
+        )
+        loaded = from_pretrained(source, dtype, gguf)
+        if cache_key is not None:
+            store_cached(loaded[1], loaded[0], cache_key, dtype)
+    return loaded
+
+
+def build_model(weights: CachedWeights, source: str, gguf: str | None, device: torch.device, progress: bool) -> Any:
+    """The model of an LLM loaded without it (`open_cached`), on its first use: from the cache entry as
+    an eager load reads it or, when the entry is gone or no longer the one checked at load, from the
+    GGUF file again (which caches it again), so that it has the weights the trunk read."""
+    from safetensors import SafetensorError
+
+    start = time.perf_counter()
+    model = None
+    with quiet_loading(not progress, gguf=False):
+        try:
+            model = load_model(str(weights.folder), weights.dtype, None)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            _discard_bad_entry(weights.folder, exc)
+    if model is None or not weights.current():
+        model = load_from_source(source, gguf, weights.gguf_sha256, weights.dtype, progress)[1]
+    model.to(device).eval()
+    logger.info("LLM model built on first use in %.1f s", time.perf_counter() - start)
+    return model
