@@ -11,8 +11,10 @@ questions about standard-library modules of `benchmarks/routing_stdlib_questions
 benchmark, one module named per question). Each query's right answer is the index of its own collection;
 each is routed to one of the three by
 
-- sae: `Collections.route` (`routing_score`), the geometric mean of the two next signals, one LLM capture
-  per batch of queries for the three indexes;
+- sae: how `Collections.search` ranks the indexes: `routing_score` divided by the index's background
+  (`Collections.backgrounds`: its mean score for pseudo-queries cut from the other two indexes' passages);
+- sae-plain: `Collections.route` (`routing_score`) alone, the geometric mean of the two next signals, one
+  LLM capture per batch of queries for the three indexes;
 - sae-signature: the highest cosine of the query's IDF-weighted code under each index's SAE with one of
   the centroids of that index's signature (k-means centroids of its passages' unit-length latent
   weights; `ragsae/routing/signature.py`);
@@ -68,8 +70,8 @@ from ragsae.text import fingerprint
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 STDLIB_QUESTIONS = Path(__file__).resolve().parent / "routing_stdlib_questions.jsonl"
-METHODS = ("sae", "sae-signature", "sae-support", "sae-centroid", "bm25", "minilm")
-SAE_METHODS = ("sae", "sae-signature", "sae-support", "sae-centroid")
+METHODS = ("sae", "sae-plain", "sae-signature", "sae-support", "sae-centroid", "bm25", "minilm")
+SAE_METHODS = ("sae", "sae-plain", "sae-signature", "sae-support", "sae-centroid")
 
 
 # --- queries -------------------------------------------------------------------------------------
@@ -111,12 +113,16 @@ def route_sae(
     best-passage support alone ('sae-support') and by one centroid per index ('sae-centroid'), from one
     capture per batch of queries."""
     start, captures = time.perf_counter(), collections.captures
+    backgrounds = collections.backgrounds()
+    if backgrounds is None:
+        raise SystemExit("routing: the indexes keep no passage text, so they have no backgrounds")
     single = {name: compute_signature(index, clusters=1) for name, index in collections}
     found: dict[str, list[np.ndarray]] = {method: [] for method in SAE_METHODS}
     for lo in range(0, len(texts), batch):
         codes = collections.encode_queries(texts[lo : lo + batch])
         for method, match in (
-            ("sae", lambda name, index: routing_score(index, codes[name])),
+            ("sae", lambda name, index: routing_score(index, codes[name]) / backgrounds[name]),
+            ("sae-plain", lambda name, index: routing_score(index, codes[name])),
             ("sae-signature", lambda name, index: signature(index).match(codes[name])),
             ("sae-centroid", lambda name, index: single[name].match(codes[name])),
             ("sae-support", lambda name, index: best_support(index, codes[name])),
@@ -124,7 +130,7 @@ def route_sae(
             found[method].append(np.stack([match(name, index) for name, index in collections], axis=1))
     seconds = time.perf_counter() - start
     scores = {method: np.concatenate(parts) for method, parts in found.items()}
-    return scores, {"seconds": seconds, "captures": collections.captures - captures}
+    return scores, {"seconds": seconds, "captures": collections.captures - captures, "backgrounds": backgrounds}
 
 
 def best_support(index: Index, codes: Any) -> np.ndarray:
@@ -294,6 +300,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["| | " + " | ".join(names) + " |", "| --- | " + " | ".join("---" for _ in names) + " |"]
         for name, counts in zip(names, row["confusion"]["counts"]):
             lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+    backgrounds = result["methods"].get("sae", {}).get("cost", {}).get("backgrounds")
+    if backgrounds:
+        lines += [
+            "",
+            "Backgrounds (sae divides each index's score by its own): "
+            + ", ".join(f"{n} {b:.3f}" for n, b in backgrounds.items())
+            + ".",
+        ]
     for method in SAE_METHODS:
         row = result["methods"].get(method)
         if row is not None:

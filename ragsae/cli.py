@@ -289,8 +289,16 @@ def index_and_text(args: argparse.Namespace, text_name: str) -> tuple[str | None
     return args.words[0], args.words[1]
 
 
-def print_routing(routing: dict[str, float]) -> None:
-    print("routing: " + ", ".join(f"{name} {score:.4f}" for name, score in routing.items()))
+def print_routing(routing: dict[str, float], relative: dict[str, float] | None = None) -> None:
+    """Each index's routing score and, where there are backgrounds, its ratio to its background."""
+    relative = relative or {}
+    print(
+        "routing: "
+        + ", ".join(
+            f"{name} {score:.4f}" + (f" ({relative[name]:.2f}x background)" if name in relative else "")
+            for name, score in routing.items()
+        )
+    )
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -321,7 +329,7 @@ def search_collections(args: argparse.Namespace, query: str) -> int:
     if args.json:
         print(json.dumps(routed.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    print_routing(routed.routing)
+    print_routing(routed.routing, routed.relative)
     if not routed.retrieved:
         print(f"no index reaches the threshold {args.threshold}: nothing retrieved")
     for hit in routed.hits:

@@ -16,7 +16,7 @@ from ragsae.cli import main
 from ragsae.generate import NOT_COVERED, RAG
 from ragsae.retrieval.scoring import row_norms
 from ragsae.routing import RoutedHit, compute_signature, signature, spherical_kmeans, unit_passages
-from ragsae.routing.collections import choose
+from ragsae.routing.collections import BACKGROUND_WORDS, choose, pseudo_queries
 from ragsae.routing.profile import EXPAND_FRACTION, EXPAND_LATENTS
 
 KITCHEN_DOCS = [
@@ -91,7 +91,7 @@ def test_route_all_returns_each_index_own_hits(collections):
     query = QUERIES[0]
     routed = collections.search(query, k=3, route="all")
     assert routed.retrieved and set(routed.chosen) == set(collections.names)
-    assert routed.chosen == sorted(collections.names, key=lambda n: -routed.routing[n])
+    assert routed.chosen == sorted(collections.names, key=lambda n: -routed.relative[n])
     for name, index in collections:
         same_hits(routed.by_index[name], index.search(query, k=3))
         assert all(isinstance(h, RoutedHit) and h.index == name for h in routed.by_index[name])
@@ -101,24 +101,56 @@ def test_route_all_returns_each_index_own_hits(collections):
     assert [(h.index, h.rank) for h in routed.hits[:2]] == [(routed.chosen[0], 1), (routed.chosen[1], 1)]
 
 
-def test_route_best_and_top_n_follow_the_routing_scores(collections):
+def test_route_best_and_top_n_follow_the_scores_relative_to_each_background(collections):
     for query in QUERIES:
         best = collections.search(query, k=2, route="best")
-        winner = max(collections.names, key=lambda n: best.routing[n])
+        winner = max(collections.names, key=lambda n: best.relative[n])
         assert best.chosen == [winner] and {h.index for h in best.hits} == {winner}
         same_hits(best.hits, collections[winner].search(query, k=2))
         assert collections.search(query, k=2, route="top-n", n=1).chosen == [winner]
         assert collections.search(query, k=2, route="top-n", n=2).chosen == sorted(
-            collections.names, key=lambda n: -best.routing[n]
+            collections.names, key=lambda n: -best.relative[n]
         )
     # The threshold drops the indexes under it, whatever the route.
     assert choose({"a": 0.3, "b": 0.1, "c": 0.2}, "all", 2, 0.15) == ["a", "c"]
     assert choose({"a": 0.3, "b": 0.1}, "top-n", 5, 0.0) == ["a", "b"]
     assert choose({"a": 0.3, "b": 0.1}, "best", 1, 0.5) == []
+    # Ranked by the order given (relative scores), filtered by the plain scores.
+    assert choose({"a": 0.3, "b": 0.2, "c": 0.1}, "all", 2, 0.15, {"a": 1.0, "b": 2.0, "c": 9.0}) == ["b", "a"]
     with pytest.raises(QueryError, match="route must be one of"):
         collections.search(QUERIES[0], route="nearest")
     with pytest.raises(QueryError, match="threshold"):
         collections.search(QUERIES[0], threshold=float("nan"))
+
+
+def test_backgrounds_are_each_index_mean_score_for_the_other_indexes_pseudo_queries(collections, indexes):
+    docs, kitchen = indexes
+    before = collections.captures
+    backgrounds = collections.backgrounds()
+    assert collections.captures == before  # the pseudo-queries' capture is not a query's
+    for name, other in (("docs", kitchen), ("kitchen", docs)):
+        pseudo = pseudo_queries(other)
+        assert pseudo and all(0 < len(text.split()) <= BACKGROUND_WORDS for text in pseudo)
+        expected = np.mean([row[name] for row in collections.route(pseudo)])
+        assert backgrounds[name] == pytest.approx(expected, rel=1e-9)
+    assert collections.backgrounds() is backgrounds  # kept while no index changes
+    routed = collections.search(QUERIES[0], k=2, route="all")
+    assert routed.relative == pytest.approx({n: routed.routing[n] / backgrounds[n] for n in collections.names})
+    assert routed.to_dict()["relative"] == routed.relative
+    # One index: nothing to compare with, ranked by its plain score.
+    single = Collections([docs])
+    assert single.backgrounds() is None and single.search(QUERIES[0], k=1).relative == {}
+
+
+def test_backgrounds_are_measured_again_after_an_index_changes(tiny_llm, tiny_llm_dir, tmp_path):
+    config = tiny_config(tiny_llm_dir)
+    docs = Index.build(TOY_DOCS, tmp_path / "docs", config, llm=tiny_llm)
+    kitchen = Index.build(KITCHEN_DOCS, tmp_path / "kitchen", config, llm=tiny_llm)
+    both = Collections([docs, kitchen])
+    first = both.backgrounds()
+    docs.add([{"_id": "late", "text": "The kitchen timer rings when the bread is baked and the oven is hot."}])
+    second = both.backgrounds()
+    assert second is not first and second["kitchen"] != first["kitchen"]  # docs' pseudo-queries changed
 
 
 def test_threshold_above_every_score_retrieves_nothing_and_rag_says_so(collections, indexes):

@@ -4,7 +4,9 @@ A query is captured through the shared LLM once; each index's SAE encodes those 
 codes (`CodeEncoder.pool_activations`), which give its routing score (`routing_score`: signature match and
 best-passage support) and, where the index is chosen, its search. Scores of indexes with different SAEs are
 comparable because both parts are cosines in [0, 1] (`signature.py`); hit scores are not, so the hits of
-several indexes are merged by rank.
+several indexes are merged by rank. Indexes are ranked for a query by its routing score relative to the
+index's background (`Collections.backgrounds`): a broad corpus scores every question higher than a narrow
+one does, on its subject or not, and the ratio takes that out.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ logger = logging.getLogger(__name__)
 ROUTES = ("best", "top-n", "all")
 """How many indexes a query is sent to: the best-matching one, the `n` best, or all of them; in each
 case only those whose routing score reaches the threshold."""
+
+BACKGROUND_QUERIES = 64
+"""Pseudo-queries cut from each index's passages to measure the other indexes' background routing scores."""
+BACKGROUND_WORDS = 16
+"""Words of a passage (its first) that make one pseudo-query: about a question's length."""
+BACKGROUND_SEED = 0
 
 QUERY_CAPTURE_FIELDS = ("layer", "window", "query_prefix", "query_stopwords")
 """The `CaptureConfig` fields that decide a query's activations: indexes that share a capture agree on them."""
@@ -63,6 +71,9 @@ class Routed:
     """Each chosen index's own top-k hits, exactly as `Index.search` returns them (tagged)."""
     codes: dict[str, sp.csr_matrix] = field(default_factory=dict, repr=False)
     """The query's pooled code (1, num_latents) under each index's SAE, from the one capture."""
+    relative: dict[str, float] = field(default_factory=dict)
+    """Each index's routing score divided by its background (`Collections.backgrounds`), which orders
+    `chosen`; empty where there is no background (a single index, or an index that stores no text)."""
 
     @property
     def retrieved(self) -> bool:
@@ -73,6 +84,7 @@ class Routed:
         return {
             "query": self.query,
             "routing": self.routing,
+            "relative": self.relative,
             "chosen": self.chosen,
             "retrieved": self.retrieved,
             "hits": [dataclasses.asdict(hit) for hit in self.hits],
@@ -89,10 +101,13 @@ def check_route(route: str, n: int, threshold: float) -> None:
         raise QueryError(f"threshold must be a finite number, got {threshold!r}")
 
 
-def choose(scores: dict[str, float], route: str, n: int, threshold: float) -> list[str]:
-    """The indexes a query goes to, best first (ties in collection order): those at or above `threshold`,
-    cut to one ('best'), `n` ('top-n') or none ('all')."""
-    ranked = [name for name in sorted(scores, key=lambda name: -scores[name]) if scores[name] >= threshold]
+def choose(
+    scores: dict[str, float], route: str, n: int, threshold: float, order: dict[str, float] | None = None
+) -> list[str]:
+    """The indexes a query goes to, best first by `order` (default: `scores`; ties in collection order):
+    those whose score is at or above `threshold`, cut to one ('best'), `n` ('top-n') or none ('all')."""
+    rank = order or scores
+    ranked = [name for name in sorted(scores, key=lambda name: -rank[name]) if scores[name] >= threshold]
     if route == "best":
         return ranked[:1]
     if route == "top-n":
@@ -152,6 +167,8 @@ class Collections:
         self._by_name = dict(zip(names, indexes))
         self._captures = 0
         self._lock = threading.Lock()
+        self._backgrounds: tuple[tuple[int, ...], dict[str, float] | None] | None = None
+        self._background_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -196,9 +213,10 @@ class Collections:
         return {name: signature(index) for name, index in self}
 
     # --- encoding and routing ----------------------------------------------------------------
-    def encode_queries(self, queries: list[str]) -> dict[str, sp.csr_matrix]:
+    def encode_queries(self, queries: list[str], count: bool = True) -> dict[str, sp.csr_matrix]:
         """Pooled codes (n_queries, num_latents) of `queries` under each index's SAE, from one LLM pass:
-        each index's codes equal its own `Index.encode_queries(queries)`."""
+        each index's codes equal its own `Index.encode_queries(queries)`. `count=False` leaves the pass
+        out of `captures` (the pseudo-queries of `backgrounds`)."""
         sanitised: dict[tuple[str, ...], list[str]] = {}
         for name, index in self:
             sanitised.setdefault(tuple(index.sanitize_query(q) for q in queries), []).append(name)
@@ -207,7 +225,7 @@ class Collections:
         for texts, names in sanitised.items():
             acts = capturer.capture_queries(list(texts))
             with self._lock:
-                self._captures += 1
+                self._captures += count
             for name in names:
                 codes[name] = self._by_name[name].encoder.pool_activations(acts).codes
         return {name: codes[name] for name in self.names}
@@ -221,6 +239,43 @@ class Collections:
     def _scores(self, codes: dict[str, sp.csr_matrix], nq: int) -> list[dict[str, float]]:
         matched = {name: routing_score(index, codes[name]) for name, index in self}
         return [{name: float(matched[name][row]) for name in self.names} for row in range(nq)]
+
+    def backgrounds(self) -> dict[str, float] | None:
+        """Each index's background: its mean routing score for pseudo-queries from every other index (the
+        first `BACKGROUND_WORDS` words of `BACKGROUND_QUERIES` seeded random live passages of each), that is,
+        how much text off its subject still scores there. None with a single index, or when an index
+        stores no passage text (then indexes are ranked by their plain scores). Computed on first use and
+        again after any index changes; one LLM capture."""
+        state = tuple(index.generation for index in self.indexes)
+        with self._background_lock:
+            if self._backgrounds is None or self._backgrounds[0] != state:
+                self._backgrounds = (state, self._measure_backgrounds())
+            return self._backgrounds[1]
+
+    def _measure_backgrounds(self) -> dict[str, float] | None:
+        if len(self.indexes) < 2 or not all(index.stores_text for index in self.indexes):
+            return None
+        sources = {name: pseudo_queries(index) for name, index in self}
+        texts = [text for name in self.names for text in sources[name]]
+        if not texts:
+            return None
+        scores = self._scores(self.encode_queries(texts, count=False), len(texts))
+        origin = [name for name in self.names for _ in sources[name]]
+        backgrounds: dict[str, float] = {}
+        for name in self.names:
+            off_subject = [row[name] for row, source in zip(scores, origin) if source != name]
+            if not off_subject or not np.mean(off_subject) > 0:
+                return None
+            backgrounds[name] = float(np.mean(off_subject))
+        logger.info("routing backgrounds: %s", ", ".join(f"{n} {b:.3f}" for n, b in backgrounds.items()))
+        return backgrounds
+
+    def relative(self, scores: list[dict[str, float]]) -> list[dict[str, float]]:
+        """Routing scores divided by each index's background (`backgrounds`); empty dicts where there is none."""
+        backgrounds = self.backgrounds()
+        if backgrounds is None:
+            return [{} for _ in scores]
+        return [{name: row[name] / backgrounds[name] for name in self.names} for row in scores]
 
     # --- searching -----------------------------------------------------------------------------
     def search(
@@ -255,7 +310,8 @@ class Collections:
         qids, texts = list(queries), list(queries.values())
         codes = self.encode_queries(texts)
         scores = self._scores(codes, len(qids))
-        chosen = [choose(row, route, n, threshold) for row in scores]
+        relative = self.relative(scores) if len(self.indexes) > 1 else [{} for _ in scores]
+        chosen = [choose(row, route, n, threshold, order) for row, order in zip(scores, relative)]
         found: dict[str, dict[str, list[Hit]]] = {}
         for name, index in self:
             rows = [row for row in range(len(qids)) if name in chosen[row]]
@@ -272,6 +328,7 @@ class Collections:
                 interleave(list(by_index.values()), k),
                 by_index,
                 {name: codes[name][row] for name in self.names},
+                relative[row],
             )
         return results
 
@@ -288,6 +345,14 @@ def routing_score(index: Index, codes: sp.csr_matrix) -> np.ndarray:
     _, best = retriever.sparse.search(weights, 1)
     support = retriever.support(weights, best[:, 0])
     return np.sqrt(signature(index).match(codes) * np.clip(support, 0.0, 1.0))
+
+
+def pseudo_queries(index: Index, count: int = BACKGROUND_QUERIES, words: int = BACKGROUND_WORDS) -> list[str]:
+    """The first `words` words of `count` seeded random live passages of `index` (fewer if it has fewer)."""
+    rows = sorted(row for rows in index.doc_rows.values() for row in rows)
+    chosen = np.random.default_rng(BACKGROUND_SEED).choice(len(rows), min(count, len(rows)), replace=False)
+    texts = (" ".join((index.passages[rows[i]].text or "").split()[:words]) for i in sorted(chosen))
+    return [text for text in texts if text]
 
 
 def check_queries(queries: dict[Any, Any]) -> None:

@@ -94,8 +94,11 @@ class RoutedSearchResponse(SearchResponse):
     """The mode asked for, else the indexes' own mode; null when their modes differ (each used its own)."""
     routing: dict[str, float]
     """Every index's routing score for the query (in [0, 1]: `routing_score`), by name."""
+    relative: dict[str, float]
+    """Each routing score divided by the index's background (`Collections.backgrounds`), which ranks them;
+    empty without backgrounds."""
     chosen: list[str]
-    """The indexes searched, best routing score first."""
+    """The indexes searched, best relative score first."""
     retrieved: bool
     """False when no index's routing score reached the threshold: nothing was searched, no hits."""
     hits: list[RoutedHitOut]  # type: ignore[assignment]
@@ -814,6 +817,7 @@ def create_app(index: Index | Collections, rag: RAG | None = None, config: Servi
                     "mode": body.mode or shared_mode,
                     "per_doc": body.per_doc,
                     "routing": routed.routing,
+                    "relative": routed.relative,
                     "chosen": routed.chosen,
                     "retrieved": routed.retrieved,
                     "hits": [hit_json(h) for h in routed.hits],
