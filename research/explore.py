@@ -1107,11 +1107,26 @@ def run_study(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     collection = load_collection(args.dataset, args.split, build, Path(args.cache_dir))
     setup = make_setup(collection, build)
     rows = STUDY_FUNCTIONS[args.study](setup, args)
-    result = {
+    options = {name: getattr(args, name) for name in STUDY_OPTIONS.get(args.study, ())}
+    result = study_record(collection, args.study, args.split, str(args.dataset), build, commit, options)
+    result.update(seconds=time.perf_counter() - started, rows=rows)
+    title = (
+        f"{collection.name}: {args.study} ({collection.documents} documents, {len(collection.queries)} judged queries)"
+    )
+    table = markdown_table(rows, title)
+    write_study(Path(args.output_dir), f"{collection.name}-explore-{args.study}", result, table)
+    return result, table
+
+
+def study_record(
+    collection: Any, study: str, split: str, dataset: str, build: BuildConfig, commit: str | None, options: dict
+) -> dict[str, Any]:
+    """What every study's JSON starts with: the collection, the command, commit, machine and build."""
+    return {
         "collection": collection.name,
-        "study": args.study,
-        "dataset": str(args.dataset),
-        "split": args.split,
+        "study": study,
+        "dataset": dataset,
+        "split": split,
         "documents": collection.documents,
         "passages": len(collection.passages),
         "queries": len(collection.queries),
@@ -1121,20 +1136,15 @@ def run_study(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "machine": machine(),
         "versions": library_versions(),
         "build": to_dict(build),
-        "options": {name: getattr(args, name) for name in STUDY_OPTIONS.get(args.study, ())},
-        "seconds": time.perf_counter() - started,
-        "rows": rows,
+        "options": options,
     }
-    title = (
-        f"{collection.name}: {args.study} ({collection.documents} documents, {len(collection.queries)} judged queries)"
-    )
-    table = markdown_table(rows, title)
-    out = Path(args.output_dir)
+
+
+def write_study(out: Path, stem: str, result: dict[str, Any], table: str) -> None:
+    """OUT/STEM.json and OUT/STEM.md (the table and the command)."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{collection.name}-explore-{args.study}"
     write_json_atomic(out / f"{stem}.json", result)
     write_text_atomic(out / f"{stem}.md", table + f"\nCommand: `{result['command']}`\n")
-    return result, table
 
 
 def make_parser() -> argparse.ArgumentParser:

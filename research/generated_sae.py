@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -70,15 +69,17 @@ from explore import (  # noqa: E402
     make_setup,
     markdown_table,
     sae_row,
+    study_record,
+    write_study,
 )
 
 from ragsae.bench import cached_sae, timed_capture  # noqa: E402
 from ragsae.capture import ActivationCache, TokenActivations  # noqa: E402
 from ragsae.config import BuildConfig, SaeConfig, to_dict  # noqa: E402
 from ragsae.lm import LoadedLlm  # noqa: E402
-from ragsae.provenance import command_line, git_commit, library_versions, machine  # noqa: E402
+from ragsae.provenance import git_commit  # noqa: E402
 from ragsae.sae import SparseAutoencoder, train_sae  # noqa: E402
-from ragsae.storage import atomic_output, write_json_atomic, write_text_atomic  # noqa: E402
+from ragsae.storage import atomic_output, write_json_atomic  # noqa: E402
 from ragsae.text import Document, fingerprint, split_passages  # noqa: E402
 
 logger = logging.getLogger("generated_sae")
@@ -791,31 +792,15 @@ def run(
     passages = generated_passages(llm, build, generation.texts)
     rows = study_generated(setup, other, passages, args.gen_only, args.adapt_steps)
     record = {**generation.record, "passages": len(passages)}
-    result = {
-        "collection": collection.name,
-        "study": STUDY,
-        "dataset": str(args.dataset),
-        "split": args.split,
-        "documents": collection.documents,
-        "passages": len(collection.passages),
-        "queries": len(collection.queries),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(),
-        "git_commit": commit,
-        "machine": machine(),
-        "versions": library_versions(),
-        "build": to_dict(build),
-        "options": {
-            "other": str(args.other),
-            "gen_tokens": args.gen_tokens,
-            "adapt_steps": args.adapt_steps,
-            "gen_only": args.gen_only,
-            "seed": args.seed,
-        },
-        "generation": record,
-        "seconds": time.perf_counter() - started,
-        "rows": rows,
+    options = {
+        "other": str(args.other),
+        "gen_tokens": args.gen_tokens,
+        "adapt_steps": args.adapt_steps,
+        "gen_only": args.gen_only,
+        "seed": args.seed,
     }
+    result = study_record(collection, STUDY, args.split, str(args.dataset), build, commit, options)
+    result.update(generation=record, seconds=time.perf_counter() - started, rows=rows)
     title = f"{collection.name}: {STUDY} ({collection.documents} documents, {len(collection.queries)} judged queries)"
     cached = " (cached; measured when generated)" if record["cached"] else ""
     note = (
@@ -824,11 +809,7 @@ def run(
         f"({record['dtype']}, torch threads: {record['torch_threads']}){cached}.\n"
     )
     table = markdown_table(rows, title) + note
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{collection.name}-explore-{STUDY}"
-    write_json_atomic(out / f"{stem}.json", result)
-    write_text_atomic(out / f"{stem}.md", table + f"\nCommand: `{result['command']}`\n")
+    write_study(Path(args.output_dir), f"{collection.name}-explore-{STUDY}", result, table)
     return result, table
 
 
