@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import shared_collection
 
 from ragsae.config import LlmConfig
 from ragsae.lm.loading import load_llm
@@ -83,3 +84,24 @@ def test_bundled_warm_load_imports_no_modeling_code(warm_cache):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"built": False, "modeling": []}
+
+
+def test_bundled_tokenizer_loaded_directly_is_autotokenizers(warm_cache):
+    from transformers import AutoTokenizer
+
+    from ragsae.lm import weights_cache
+    from ragsae.lm.loading import direct_tokenizer_class, load_tokenizer
+
+    llm = load_llm(BUNDLED)
+    entry = weights_cache.find_entry(llm.model_hash, torch.bfloat16)
+    assert entry is not None and direct_tokenizer_class(entry) is not None
+    direct, auto = load_tokenizer(str(entry), None), AutoTokenizer.from_pretrained(str(entry))
+    assert type(direct) is type(auto) and direct.init_kwargs == auto.init_kwargs
+    assert direct.special_tokens_map == auto.special_tokens_map and direct.chat_template == auto.chat_template
+    assert direct.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    assert (direct.padding_side, direct.truncation_side) == (auto.padding_side, auto.truncation_side)
+    corpus = shared_collection("msmarco-5k") / "corpus.jsonl"
+    texts = [json.loads(line)["text"] for line, _ in zip(open(corpus, encoding="utf-8"), range(500))] + SENTENCES
+    assert all(direct(t)["input_ids"] == auto(t)["input_ids"] for t in texts)
+    chat = [{"role": "user", "content": SENTENCES[0]}]
+    assert direct.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(chat, tokenize=False)

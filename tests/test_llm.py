@@ -375,3 +375,24 @@ def test_a_warm_load_imports_no_modeling_code(cache_dir, fake_gguf):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"built": False, "modeling": []}
+
+
+@pytest.mark.parametrize(
+    "tokenizer_config, model_type, direct",
+    [
+        ({"tokenizer_class": "TokenizersBackend"}, "llama", True),
+        ({"tokenizer_class": "TokenizersBackend"}, "qwen2", False),  # another model type: AutoTokenizer decides
+        ({"tokenizer_class": "LlamaTokenizer"}, "llama", False),
+        ({"tokenizer_class": "TokenizersBackend", "auto_map": {"AutoTokenizer": "x.Y"}}, "llama", False),
+    ],
+)
+def test_a_tokenizer_is_loaded_directly_only_where_autotokenizer_picks_that_class(
+    tmp_path, tokenizer_config, model_type, direct
+):
+    from ragsae.lm.loading import direct_tokenizer_class
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert (direct_tokenizer_class(tmp_path) is not None) == direct
+    (tmp_path / "config.json").write_text("{not json")
+    assert direct_tokenizer_class(tmp_path) is None

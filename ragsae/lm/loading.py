@@ -519,7 +519,40 @@ def from_pretrained(source: str, dtype: torch.dtype, gguf_file: str | None) -> t
     return load_tokenizer(source, gguf_file), load_model(source, dtype, gguf_file)
 
 
+DIRECT_TOKENIZER_MODEL_TYPES = ("llama",)
+"""Model types whose folders, when their tokenizer_config.json names `TokenizersBackend` (and no auto_map),
+AutoTokenizer loads as exactly that class (transformers registers no other tokenizer class for them); the
+class is then loaded directly, which spares importing AutoConfig and every model's configuration (about
+0.8 s of a warm start). tests/test_llm.py checks that both give the same tokenizer."""
+
+
+def direct_tokenizer_class(folder: Path) -> Any:
+    """`TokenizersBackend` when `folder` is one AutoTokenizer loads as that class (`DIRECT_TOKENIZER_MODEL_TYPES`),
+    else None (AutoTokenizer decides)."""
+    import json
+
+    try:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(tokenizer_config, dict) or not isinstance(model_config, dict):
+        return None
+    if (
+        tokenizer_config.get("tokenizer_class") != "TokenizersBackend"
+        or "auto_map" in tokenizer_config
+        or model_config.get("model_type") not in DIRECT_TOKENIZER_MODEL_TYPES
+    ):
+        return None
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    return TokenizersBackend
+
+
 def load_tokenizer(source: str, gguf_file: str | None) -> Any:
+    direct = direct_tokenizer_class(Path(source)) if gguf_file is None and Path(source).is_dir() else None
+    if direct is not None:
+        return direct.from_pretrained(source)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
