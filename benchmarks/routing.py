@@ -109,9 +109,10 @@ def live_texts(index: Index) -> list[str]:
 def route_sae(
     collections: Collections, texts: list[str], batch: int = 32
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Routing scores as `Collections.route` ('sae'), by signature alone ('sae-signature'), by
-    best-passage support alone ('sae-support') and by one centroid per index ('sae-centroid'), from one
-    capture per batch of queries."""
+    """Routing scores as `Collections.search` ranks indexes ('sae': `Collections.route` divided by each
+    index's background), as `Collections.route` gives them ('sae-plain'), by signature alone
+    ('sae-signature'), by best-passage support alone ('sae-support') and by one centroid per index
+    ('sae-centroid'), from one capture per batch of queries."""
     start, captures = time.perf_counter(), collections.captures
     backgrounds = collections.backgrounds()
     if backgrounds is None:
@@ -120,9 +121,10 @@ def route_sae(
     found: dict[str, list[np.ndarray]] = {method: [] for method in SAE_METHODS}
     for lo in range(0, len(texts), batch):
         codes = collections.encode_queries(texts[lo : lo + batch])
+        plain = np.stack([routing_score(index, codes[name]) for name, index in collections], axis=1)
+        found["sae-plain"].append(plain)
+        found["sae"].append(plain / np.array([backgrounds[name] for name in collections.names]))
         for method, match in (
-            ("sae", lambda name, index: routing_score(index, codes[name]) / backgrounds[name]),
-            ("sae-plain", lambda name, index: routing_score(index, codes[name])),
             ("sae-signature", lambda name, index: signature(index).match(codes[name])),
             ("sae-centroid", lambda name, index: single[name].match(codes[name])),
             ("sae-support", lambda name, index: best_support(index, codes[name])),

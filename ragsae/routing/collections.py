@@ -310,7 +310,7 @@ class Collections:
         qids, texts = list(queries), list(queries.values())
         codes = self.encode_queries(texts)
         scores = self._scores(codes, len(qids))
-        relative = self.relative(scores) if len(self.indexes) > 1 else [{} for _ in scores]
+        relative = self.relative(scores)  # empty dicts without backgrounds (a single index)
         chosen = [choose(row, route, n, threshold, order) for row, order in zip(scores, relative)]
         found: dict[str, dict[str, list[Hit]]] = {}
         for name, index in self:
