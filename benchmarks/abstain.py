@@ -15,14 +15,19 @@ those weights score highest:
 - cosine: the same without IDF on the query side;
 - score/norm: the top sparse score divided by the query vector's norm;
 - mass: the fraction of the query's latent weight mass on latents the passage has;
-- score: the top sparse score itself.
+- score: the top sparse score itself;
+- relative support: plain support divided by the index's background support, the mean support of
+  random-word questions (`ragsae.abstention`; what `RAG(min_relative_support=...)` thresholds).
 
 Reported per signal and collection: ROC AUC (answerable vs unanswerable), and the balanced accuracy
 of "answer when signal >= threshold" with the threshold chosen on the FIRST collection only (the
 midpoint between neighbouring values that maximises balanced accuracy there) and applied unchanged to
 the second. The threshold for `plain support` is a `min_support` for indexes built like these (default
 `BuildConfig`); support's scale moves with the SAE and the corpus, so it is no default for every
-index. Writes OUTPUT_DIR/abstain.json (with every query's signals) and abstain.md.
+index. The library's default `min_relative_support` is chosen on the FIRST collection by a rule meant
+for a default, which should refuse an answerable question rarely: the largest multiple of 0.1 at least
+0.1 below every answerable question's relative support (`default_threshold`). It is reported on both
+collections. Writes OUTPUT_DIR/abstain.json (with every query's signals) and abstain.md.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,10 +45,11 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
+from ragsae.abstention import measure_background
 from ragsae.bench import BenchConfig, cached_sae, load_beir, timed_capture
 from ragsae.bench import runner as bench_runner
 from ragsae.capture import ActivationCache, activations_id
-from ragsae.config import BuildConfig, to_dict
+from ragsae.config import DEFAULT_MIN_RELATIVE_SUPPORT, BuildConfig, to_dict
 from ragsae.encode import CodeEncoder
 from ragsae.index import Index
 from ragsae.lm import LoadedLlm, load_llm
@@ -55,7 +62,11 @@ VARIANTS = ("plain", "feedback")
 """Query weights the signals are computed from: pooled codes alone, or joined by feedback latents."""
 MEASURES = ("support", "cosine", "score/norm", "mass", "score")
 SUPPORT = "plain support"
-"""The signal `RAG` thresholds (`RAG.support`)."""
+"""The signal `RAG.min_support` thresholds (`RAG.support`)."""
+RELATIVE = "relative support"
+"""The signal `RAG.min_relative_support` thresholds: `SUPPORT` over the index's background."""
+DEFAULT_STEP = 0.1
+"""Grid and margin of `default_threshold`."""
 
 
 # --- pure functions ------------------------------------------------------------------------------
@@ -86,6 +97,13 @@ def choose_threshold(positive: np.ndarray, negative: np.ndarray) -> float:
     candidates = np.concatenate([[values[0] - step], (values[:-1] + values[1:]) / 2, [values[-1] + step]])
     accuracy = [balanced_accuracy(positive, negative, t) for t in candidates]
     return float(candidates[int(np.argmax(accuracy))])
+
+
+def default_threshold(positive: np.ndarray, step: float = DEFAULT_STEP) -> float:
+    """The largest multiple of `step` that is at least `step` below every positive: a threshold that keeps
+    every answerable question of the collection it is chosen on with a margin, since the lowest of a
+    few dozen questions is no bound on the next one."""
+    return round((math.floor(float(np.min(positive)) / step) - 1) * step, 10)
 
 
 def signals(weights: sp.csr_matrix, best: sp.csr_matrix) -> dict[str, np.ndarray]:
@@ -182,7 +200,7 @@ def cached_index(llm: LoadedLlm, dataset: str, bench: BenchConfig) -> Index:
     sae = sae.to(llm.device).eval()
     encoder = CodeEncoder(llm, sae, cap, build.scoring.pooling)
     pooled = encoder.pool_activations(acts)
-    return Index(encoder, passages, pooled, dataclasses.replace(build, sae=sae.config))
+    return Index.from_codes(encoder, passages, pooled, dataclasses.replace(build, sae=sae.config))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -203,11 +221,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"{row['balanced_accuracy_first']:.3f} | {row['balanced_accuracy_second']:.3f} |"
         )
     chosen = result["signals"][SUPPORT]
+    rule, at_default = result["default_rule"], result["at_library_default"]
     lines += [
         "",
         f"`RAG(min_support=...)` thresholds `{SUPPORT}`: at {chosen['threshold']:.4g} it answers "
         f"{chosen['answered_first']:.1%} of answerable and refuses {chosen['abstained_first']:.1%} of unanswerable "
         f"questions on {first}, {chosen['answered_second']:.1%} and {chosen['abstained_second']:.1%} on {second}.",
+        "",
+        f"`RAG(min_relative_support=...)` thresholds `{RELATIVE}` (backgrounds: "
+        + ", ".join(f"{name} {value:.4f}" for name, value in result["backgrounds"].items())
+        + f"). The default rule on {first} gives {rule['threshold']:g}; the library's default is "
+        f"{rule['library_default']:g}. At it: answered {at_default[first]['answered']:.1%} / refused "
+        f"{at_default[first]['abstained']:.1%} on {first}, {at_default[second]['answered']:.1%} / "
+        f"{at_default[second]['abstained']:.1%} on {second}.",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -230,13 +256,22 @@ def main(argv: list[str] | None = None) -> int:
     names = [Path(d).resolve().name for d in datasets]
     queries = {name: load_beir(d, "test")[1] for name, d in zip(names, datasets)}
     per_collection: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    backgrounds: dict[str, float] = {}
     for own, other, dataset in ((names[0], names[1], datasets[0]), (names[1], names[0], datasets[1])):
         index = cached_index(llm, dataset, BenchConfig(dataset=dataset, cache_dir=args.cache_dir, build=build))
         per_collection[own] = {
             "answerable": query_signals(index, list(queries[own].values())),
             "unanswerable": query_signals(index, list(queries[other].values())),
         }
+        background = measure_background(index)
+        if background is None:
+            raise SystemExit(f"{dataset}: no background support (the tokenizer has too few whole-word tokens)")
+        backgrounds[own] = background
+        for side in per_collection[own].values():
+            side[RELATIVE] = side[SUPPORT] / background
         del index
+    default = default_threshold(per_collection[names[0]]["answerable"][RELATIVE])
+    at_default = {name: at_threshold(per_collection[name], RELATIVE, DEFAULT_MIN_RELATIVE_SUPPORT) for name in names}
     result: dict[str, Any] = {
         "collections": names,
         "queries": {name: len(queries[name]) for name in names},
@@ -246,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": to_dict(build),
         "signals": compare(per_collection[names[0]], per_collection[names[1]]),
         "library_signal": SUPPORT,
+        "backgrounds": backgrounds,
+        "default_rule": {"threshold": default, "library_default": DEFAULT_MIN_RELATIVE_SUPPORT, "step": DEFAULT_STEP},
+        "at_library_default": at_default,
         "per_query": {
             name: {
                 side: {"qids": list(queries[name if side == "answerable" else other].keys())}
@@ -257,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown(result)
     print(table)
+    if not math.isclose(default, DEFAULT_MIN_RELATIVE_SUPPORT):
+        print(f"note: the rule gives {default:g}, the library's default is {DEFAULT_MIN_RELATIVE_SUPPORT:g}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "abstain.json", result)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    DEFAULT_MIN_RELATIVE_SUPPORT,
     SANITIZE_ENTITIES,
     SANITIZE_MODES,
     SEARCH_MODES,
@@ -351,7 +352,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
         routing = {"route": args.route, "route_n": args.top_n, "threshold": args.threshold}
     else:
         target = Index.load(path, mode=args.mode, device=args.device)
-    rag = RAG(target, k=args.k, max_new_tokens=args.max_new_tokens, min_support=args.min_support, **routing)
+    rag = RAG(
+        target,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        min_support=args.min_support,
+        min_relative_support=args.min_relative_support,
+        **routing,
+    )
     answer = rag.ask(question)
     if args.json:
         print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
@@ -678,7 +686,15 @@ def make_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="say the passages do not answer when the best one's support is below this (RAG.min_support; "
-        "0.21 separated answerable questions on the benchmark collections' default indexes; default: 0, off)",
+        "0.22 separated answerable questions on the benchmark collections' default indexes; default: 0, off)",
+    )
+    p.add_argument(
+        "--min-relative-support",
+        type=float,
+        default=DEFAULT_MIN_RELATIVE_SUPPORT,
+        help="say the passages do not answer when the best one's support is below this many times the "
+        "index's support for random-word questions (RAG.min_relative_support; "
+        f"default: {DEFAULT_MIN_RELATIVE_SUPPORT}; 0: off)",
     )
     p.add_argument("--mode", choices=SEARCH_MODES, help="override the index's scoring mode")
     p.add_argument("--device", help="device for the LLM and SAE (default: as built)")

@@ -35,6 +35,10 @@ StoreText = Literal["auto", "full", "redacted", "none"]
 SAE_ARCHITECTURES: tuple[str, ...] = typing.get_args(SaeArchitecture)
 POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 SEARCH_MODES: tuple[str, ...] = typing.get_args(SearchMode)
+DEFAULT_MIN_RELATIVE_SUPPORT = 1.0
+"""`RAG.min_relative_support` unless given: a passage must support the question at least as well as the
+index's passages support questions of random words. Chosen on msmarco-5k by a rule that keeps every
+answerable question with a margin, and confirmed on cranfield (`benchmarks/abstain.py`)."""
 FEEDBACK_WEIGHTINGS: tuple[str, ...] = typing.get_args(FeedbackWeighting)
 STOPWORD_LIST_NAMES: tuple[str, ...] = typing.get_args(StopwordList)
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)

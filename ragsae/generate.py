@@ -14,6 +14,8 @@ from typing import Any
 import scipy.sparse as sp
 import torch
 
+from .abstention import SupportBackgrounds, support_of
+from .config import DEFAULT_MIN_RELATIVE_SUPPORT
 from .errors import ConfigError, QueryError
 from .index import Hit, Index
 from .routing import Collections, check_route
@@ -41,10 +43,14 @@ class Answer:
     """1-based passage numbers cited in `text` that exist in `hits`."""
     prompt: str = ""
     answered: bool = True
-    """False when retrieval judged that no passage answers the question (`RAG.min_support`): then
-    `text` says so, nothing was generated and nothing is cited."""
+    """False when retrieval judged that no passage answers the question (`RAG.min_relative_support`,
+    `RAG.min_support`): then `text` says so, nothing was generated and nothing is cited."""
     support: float | None = None
-    """The question's support (`RAG.support`); None when abstention is off."""
+    """The question's support (`RAG.support`; the best of the indexes searched); None when abstention
+    is off."""
+    relative_support: float | None = None
+    """Its support divided by the index's background support (`ragsae.abstention`; the best of the
+    indexes searched); None when abstention is off or the index has no background."""
     retrieved: bool = True
     """False when routing found no index whose signature the question matches above `RAG.threshold`:
     then nothing was searched, `hits` is empty, `text` says that no index covers the question."""
@@ -63,6 +69,7 @@ class Answer:
             "retrieved": self.retrieved,
             "routing": self.routing,
             "support": self.support,
+            "relative_support": self.relative_support,
             "citations": self.citations,
             "hits": [asdict(hit) for hit in self.hits],
         }
@@ -139,13 +146,21 @@ class RAG:
             choose the number among the passages given (decoding restricted to 1..k), then go on
             freely. Small models rarely cite unprompted; this makes every answer name a source the
             model itself judged most useful.
-        min_support: answer only when the question's `support` reaches this; below it nothing is
-            generated and the answer says the passages do not answer. The lead above makes the model
-            cite a passage whether or not any is relevant, so an unanswerable question would
-            otherwise come back with an invented quote and a citation. 0 (the default) turns this
-            off: support's scale depends on the index's SAE and corpus, so choose the threshold on
-            questions about your own index, as `benchmarks/abstain.py` does for the benchmark
-            collections.
+        min_relative_support: answer only when the question's support is at least this many times
+            the index's background support (the mean support of questions of random words,
+            `ragsae.abstention`); below it nothing is generated and the answer says the passages do
+            not answer. The lead above makes the model cite a passage whether or not any is relevant,
+            so an unanswerable question would otherwise come back with an invented quote and a
+            citation. The default (1.0) answered every judged question of the benchmark collections
+            on its own index and refused 20-33% of the other collection's (`benchmarks/abstain.py`):
+            it refuses what is plainly off the index's subject, not every question it cannot answer.
+            Raise it to refuse more, at the cost of some answerable questions; 0 turns it off. The
+            background is measured on the first question and again after the index changes (one
+            LLM pass).
+        min_support: answer only when the question's raw `support` reaches this as well: a threshold
+            chosen on questions about your own index, as `benchmarks/abstain.py` does for the
+            benchmark collections (support's scale depends on the index's SAE and corpus). 0 (the
+            default) turns it off.
         route, route_n, threshold: with `Collections`, which indexes a question is searched in
             (`Collections.search`'s `route`, `n`, `threshold`); when no index's routing score reaches
             `threshold`, nothing is retrieved or generated and the answer says that no index covers the
@@ -161,6 +176,7 @@ class RAG:
         max_passage_tokens: int = 200,
         lead_with_citation: bool = True,
         min_support: float = DEFAULT_MIN_SUPPORT,
+        min_relative_support: float = DEFAULT_MIN_RELATIVE_SUPPORT,
         route: str = "best",
         route_n: int = 2,
         threshold: float = 0.0,
@@ -169,6 +185,8 @@ class RAG:
             raise QueryError(f"k must be >= 1, got {k}")
         if not min_support >= 0:  # NaN too
             raise QueryError(f"min_support must be >= 0, got {min_support}")
+        if not min_relative_support >= 0:
+            raise QueryError(f"min_relative_support must be >= 0, got {min_relative_support}")
         check_route(route, route_n, threshold)
         self.collections: Collections | None = None
         """Where questions are routed; None: every question is searched in `index`."""
@@ -183,19 +201,20 @@ class RAG:
         self.max_passage_tokens = max_passage_tokens
         self.lead_with_citation = lead_with_citation
         self.min_support = min_support
+        self.min_relative_support = min_relative_support
+        self.backgrounds = SupportBackgrounds()
+        """Each index's background support, measured on first use (`ragsae.abstention`)."""
 
     @torch.inference_mode()
     def ask(self, question: str) -> Answer:
         """Answer `question` from the top-k passages, citing them as [1], [2], ..."""
-        hits, support, routing, retrieved = self._retrieve(question)
-        if not retrieved:
-            return Answer(question, NOT_COVERED, [], [], answered=False, retrieved=False, routing=routing)
-        if self._abstains(support):
-            return Answer(question, ABSTENTION, hits, [], answered=False, support=support, routing=routing)
+        hits, measured, settled = self._screen(question)
+        if settled is not None:
+            return settled
         prompt, lead = self._prompt(question, hits)
         text = lead + self._generate(prompt + lead)
         citations = parse_citations(text, len(hits))
-        return Answer(question, text.strip(), hits, citations, prompt, support=support, routing=routing)
+        return Answer(question, text.strip(), hits, citations, prompt, **measured)
 
     @torch.inference_mode()
     def stream(self, question: str) -> Generator[str | Answer, None, None]:
@@ -204,14 +223,10 @@ class RAG:
 
         The pieces join to the answer's text before `Answer.text` strips it. Generation runs in a
         helper thread; closing the generator early stops it after the current token."""
-        hits, support, routing, retrieved = self._retrieve(question)
-        if not retrieved:
-            yield NOT_COVERED
-            yield Answer(question, NOT_COVERED, [], [], answered=False, retrieved=False, routing=routing)
-            return
-        if self._abstains(support):
-            yield ABSTENTION
-            yield Answer(question, ABSTENTION, hits, [], answered=False, support=support, routing=routing)
+        hits, measured, settled = self._screen(question)
+        if settled is not None:
+            yield settled.text
+            yield settled
             return
         prompt, lead = self._prompt(question, hits)
         if lead:
@@ -226,11 +241,24 @@ class RAG:
             generated.close()  # if this generator is closed early, stop generating now
         text = "".join(pieces)
         citations = parse_citations(text, len(hits))
-        yield Answer(question, text.strip(), hits, citations, prompt, support=support, routing=routing)
+        yield Answer(question, text.strip(), hits, citations, prompt, **measured)
 
-    def _retrieve(self, question: str) -> tuple[list[Hit], float | None, dict[str, float] | None, bool]:
-        """The question's top-k hits, its support when abstention is on, its routing scores when the RAG
-        routes, and whether anything was searched (not when no index covers the question)."""
+    def _screen(self, question: str) -> tuple[list[Hit], dict[str, Any], Answer | None]:
+        """The question's hits, what was measured of it (`Answer`'s support, relative_support and routing),
+        and its answer when nothing is to be generated: routing found no index that covers it, or
+        retrieval does not support an answer."""
+        hits, searched, routing = self._retrieve(question)
+        if routing is not None and not searched:
+            return [], {}, Answer(question, NOT_COVERED, [], [], answered=False, retrieved=False, routing=routing)
+        support, relative = self._supports(searched)
+        measured: dict[str, Any] = {"support": support, "relative_support": relative, "routing": routing}
+        if self._abstains(support, relative):
+            return hits, measured, Answer(question, ABSTENTION, hits, [], answered=False, **measured)
+        return hits, measured, None
+
+    def _retrieve(self, question: str) -> tuple[list[Hit], list[tuple[Index, sp.csr_matrix]], dict[str, float] | None]:
+        """The question's top-k hits, each index searched with the question's codes there (none when
+        routing found no index that covers the question), and its routing scores when the RAG routes."""
         if not isinstance(question, str) or not question.strip():
             raise QueryError(f"question must be a non-empty string, got {question!r}")
         indexes = self.collections.indexes if self.collections is not None else [self.index]
@@ -241,18 +269,32 @@ class RAG:
                 "against your documents"
             )
         if self.collections is None:
-            hits = self.index.search(question, self.k)
-            return hits, self.support(question) if self.min_support > 0 else None, None, True
+            codes = self.index.encode_queries([question])
+            hits = self.index.batch_search({"0": question}, self.k, codes=codes)["0"]
+            return hits, [(self.index, codes)], None
         routed = self.collections.search(question, self.k, self.route, self.route_n, self.threshold)
-        if not routed.retrieved:
-            return [], None, routed.routing, False
-        support = None
-        if self.min_support > 0:  # the best support among the indexes searched, from the routing's codes
-            support = max(support_of(self.collections[name], routed.codes[name]) for name in routed.chosen)
-        return list(routed.hits), support, routed.routing, True
+        searched = [(self.collections[name], routed.codes[name]) for name in routed.chosen]
+        return list(routed.hits), searched, routed.routing
 
-    def _abstains(self, support: float | None) -> bool:
-        return support is not None and support < self.min_support
+    def _supports(self, searched: list[tuple[Index, sp.csr_matrix]]) -> tuple[float | None, float | None]:
+        """The best support among the indexes searched and the best relative support (support over the
+        index's background); None when abstention is off, and relative None where no index has a
+        background."""
+        if not (self.min_support > 0 or self.min_relative_support > 0):
+            return None, None
+        supports = [(float(support_of(index, codes)[0]), index) for index, codes in searched]
+        relatives = []
+        if self.min_relative_support > 0:
+            for support, index in supports:
+                background = self.backgrounds(index)
+                if background is not None:
+                    relatives.append(support / background)
+        return max(s for s, _ in supports), max(relatives) if relatives else None
+
+    def _abstains(self, support: float | None, relative: float | None) -> bool:
+        below_support = support is not None and support < self.min_support
+        below_relative = relative is not None and relative < self.min_relative_support
+        return below_support or below_relative
 
     def _prompt(self, question: str, hits: list[Hit]) -> tuple[str, str]:
         """The prompt for `question` over `hits`, and the citation lead the answer starts with."""
@@ -270,7 +312,13 @@ class RAG:
 
         Pseudo-relevance feedback is left out: its latents come from the passages found, so they
         match those passages whether or not the question is on their subject."""
-        return support_of(self.index, self.index.encode_queries([question]))
+        return float(support_of(self.index, self.index.encode_queries([question]))[0])
+
+    def relative_support(self, question: str) -> float | None:
+        """`support` divided by the index's background support (`ragsae.abstention`); None when the
+        index has no background."""
+        background = self.backgrounds(self.index)
+        return None if background is None else self.support(question) / background
 
     def _citation_lead(self, prompt: str, n_passages: int) -> str:
         """'According to passage [n]' with n the passage number the model scores highest."""
@@ -344,15 +392,6 @@ class RAG:
         finally:
             stop.set()
             worker.join()
-
-
-def support_of(index: Index, codes: sp.csr_matrix) -> float:
-    """`Retriever.support` of one question's pooled codes (1, num_latents) in `index` and the passage
-    they score highest (0 when none matches)."""
-    retriever = index.retriever
-    weights = retriever.scaled(codes)
-    _, ids = retriever.sparse.search(weights, 1)
-    return float(retriever.support(weights, ids[:, 0])[0])
 
 
 def _stream_hooks(tokens: queue.Queue, stop: threading.Event) -> tuple[Any, Any]:

@@ -1,8 +1,11 @@
+import copy
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from conftest import TOY_DOCS, load_benchmark_script
 
+from ragsae import abstention, generate
 from ragsae.config import ScoringConfig
 from ragsae.errors import QueryError
 from ragsae.generate import ABSTENTION, RAG, build_prompt, parse_citations
@@ -27,9 +30,11 @@ def test_parse_citations():
     assert parse_citations("no citations", 3) == []
 
 
+# The tiny model has random weights, so its support says nothing about a question: tests of generation
+# turn abstention off (min_relative_support=0); those of abstention are below.
 def test_ask_runs_end_to_end_on_tiny_model(tiny_build_config, tiny_llm):
     index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
-    answer = RAG(index, k=2, max_new_tokens=8).ask("How do I read a CSV file?")
+    answer = RAG(index, k=2, max_new_tokens=8, min_relative_support=0).ask("How do I read a CSV file?")
     assert len(answer.hits) == 2 and answer.prompt.count("[end of") == 2
     assert isinstance(answer.text, str)
     assert "Sources:" in answer.format()
@@ -37,10 +42,12 @@ def test_ask_runs_end_to_end_on_tiny_model(tiny_build_config, tiny_llm):
 
 def test_answer_leads_with_a_citation_of_an_existing_passage(tiny_build_config, tiny_llm):
     index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
-    answer = RAG(index, k=3, max_new_tokens=4).ask("Which module reads ZIP archives?")
+    answer = RAG(index, k=3, max_new_tokens=4, min_relative_support=0).ask("Which module reads ZIP archives?")
     assert answer.text.startswith("According to passage [")
     assert len(answer.citations) >= 1 and answer.citations[0] in (1, 2, 3)
-    plain = RAG(index, k=3, max_new_tokens=4, lead_with_citation=False).ask("Which module reads ZIP archives?")
+    plain = RAG(index, k=3, max_new_tokens=4, lead_with_citation=False, min_relative_support=0).ask(
+        "Which module reads ZIP archives?"
+    )
     assert not plain.text.startswith("According to passage [")
 
 
@@ -53,7 +60,7 @@ def test_rag_abstains_below_min_support_without_generating(tiny_build_config, ti
     monkeypatch.setattr(RAG, "_generate", no_generation)
     monkeypatch.setattr(RAG, "_citation_lead", no_generation)
     # Support is a cosine, never above 1: this threshold is out of every question's reach.
-    answer = RAG(index, k=2, min_support=1.5).ask("Which module reads ZIP archives?")
+    answer = RAG(index, k=2, min_support=1.5, min_relative_support=0).ask("Which module reads ZIP archives?")
     assert not answer.answered and answer.citations == [] and answer.sources() == []
     assert answer.text == ABSTENTION and answer.prompt == ""
     assert len(answer.hits) == 2 and answer.support is not None and 0 <= answer.support <= 1
@@ -61,29 +68,106 @@ def test_rag_abstains_below_min_support_without_generating(tiny_build_config, ti
     assert "Closest passages, none cited:" in shown and "Sources:" not in shown and "*[" not in shown
 
 
-def test_rag_with_min_support_zero_answers_as_before(tiny_build_config, tiny_llm, monkeypatch):
+def test_rag_with_abstention_off_answers_as_before(tiny_build_config, tiny_llm, monkeypatch):
     index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
 
     def no_support(*_args, **_kwargs):
-        raise AssertionError("min_support=0 must not compute support")
+        raise AssertionError("with abstention off, RAG must not compute support or a background")
 
     with monkeypatch.context() as patched:
-        patched.setattr(RAG, "support", no_support)
-        answer = RAG(index, k=3, max_new_tokens=4, min_support=0).ask("Which module reads ZIP archives?")
-    assert answer.answered and answer.support is None
+        patched.setattr(generate, "support_of", no_support)
+        patched.setattr(abstention, "measure_background", no_support)
+        off = RAG(index, k=3, max_new_tokens=4, min_support=0, min_relative_support=0)
+        answer = off.ask("Which module reads ZIP archives?")
+    assert answer.answered and answer.support is None and answer.relative_support is None
     assert answer.text.startswith("According to passage [") and answer.citations[0] in (1, 2, 3)
     assert "Sources:" in answer.format()
     # A threshold every matching question clears: support is computed, recorded, and the answer generated.
-    supported = RAG(index, k=3, max_new_tokens=4, min_support=1e-9).ask("Which module reads ZIP archives?")
+    supported = RAG(index, k=3, max_new_tokens=4, min_support=1e-9, min_relative_support=0).ask(
+        "Which module reads ZIP archives?"
+    )
     assert supported.answered and supported.support is not None and supported.support > 0
     assert supported.text == answer.text
     assert supported.support == RAG(index).support("Which module reads ZIP archives?")
 
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan")])
-def test_min_support_must_be_a_non_negative_number(bad):
-    with pytest.raises(QueryError, match="min_support"):
-        RAG(None, min_support=bad)  # type: ignore[arg-type]
+@pytest.mark.parametrize("name", ["min_support", "min_relative_support"])
+def test_abstention_thresholds_must_be_non_negative_numbers(bad, name):
+    with pytest.raises(QueryError, match=name):
+        RAG(None, **{name: bad})  # type: ignore[arg-type]
+
+
+def test_vocabulary_words_are_whole_word_tokens_and_make_seeded_questions(tokenizer):
+    words = abstention.vocabulary_words(tokenizer)
+    assert len(words) >= abstention.MIN_VOCABULARY_WORDS and words == sorted(set(words))
+    for word in words[:: len(words) // 50]:
+        assert abstention.WORD.fullmatch(word)
+        assert len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1
+    questions = abstention.background_questions(tokenizer)
+    assert questions is not None and len(questions) == abstention.BACKGROUND_QUESTIONS
+    assert questions == abstention.background_questions(tokenizer)  # seeded: the same every time
+    assert all(len(q.split()) == abstention.BACKGROUND_WORDS and set(q.split()) <= set(words) for q in questions)
+
+
+class FewWordsTokenizer:
+    """A vocabulary with one whole word of 4-10 letters ('▁word'): too few for a background."""
+
+    def get_vocab(self):
+        return {"word": 0, "\u0120the": 1, "\u0120supercalifragilistic": 2, "\u2581word": 3, "\u0120Word": 4}
+
+
+def test_a_tokenizer_with_too_few_whole_words_gives_no_background():
+    assert abstention.vocabulary_words(FewWordsTokenizer()) == ["word"]
+    assert abstention.background_questions(FewWordsTokenizer()) is None
+
+
+def test_relative_support_is_support_over_the_mean_support_of_random_word_questions(
+    tiny_build_config, tiny_llm, monkeypatch
+):
+    index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
+    questions = abstention.background_questions(tiny_llm.tokenizer)
+    background = float(np.mean(abstention.support_of(index, index.encode_queries(questions))))
+    question = "Which module reads ZIP archives?"
+    rag = RAG(index, k=2, max_new_tokens=2, min_relative_support=1e-9)
+    assert background > 0 and rag.backgrounds(index) == pytest.approx(background)
+    relative = rag.relative_support(question)
+    assert relative == pytest.approx(rag.support(question) / background)
+    answer = rag.ask(question)
+    assert answer.answered and answer.relative_support == pytest.approx(relative)
+    assert answer.support == pytest.approx(rag.support(question))
+
+    def no_generation(*_args, **_kwargs):
+        raise AssertionError("an abstaining RAG must not generate")
+
+    monkeypatch.setattr(RAG, "_generate", no_generation)
+    monkeypatch.setattr(RAG, "_citation_lead", no_generation)
+    above = RAG(index, k=2, min_relative_support=relative * 1.001).ask(question)  # just out of reach
+    assert not above.answered and above.text == ABSTENTION and above.citations == []
+    assert above.relative_support == pytest.approx(relative) and len(above.hits) == 2
+    streamed = list(RAG(index, k=2, min_relative_support=relative * 1.001).stream(question))
+    assert streamed[0] == ABSTENTION and not streamed[-1].answered
+
+
+def test_background_is_measured_once_per_state_of_the_index(tiny_build_config, tiny_llm, monkeypatch):
+    index = Index.build(TOY_DOCS, None, tiny_build_config, llm=tiny_llm)
+    measured = []
+    measure = abstention.measure_background
+
+    def counted(measured_index):
+        measured.append(measured_index.generation)
+        return measure(measured_index)
+
+    monkeypatch.setattr(abstention, "measure_background", counted)
+    rag = RAG(index, k=2, max_new_tokens=1, min_relative_support=1e-9)
+    question = "Which module reads ZIP archives?"
+    first = rag.ask(question).relative_support
+    assert rag.ask(question).relative_support == first
+    assert copy.copy(rag).ask(question).relative_support == first  # the service's per-request copies share it
+    assert measured == [index.generation]
+    index.add([{"_id": "late", "text": "The kitchen timer rings when the bread is baked and the oven is hot."}])
+    rag.ask(question)
+    assert measured == [index.generation - 1, index.generation]
 
 
 def test_support_is_the_cosine_of_the_idf_weighted_query_with_the_passage_weights():

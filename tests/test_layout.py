@@ -19,14 +19,14 @@ ROOMS = [
     {"retrieval"},
     {"index"},
     {"routing"},
-    {"generate", "demo"},
+    {"abstention", "generate", "demo"},
     {"integrations", "langchain", "bench", "service"},
     {"cli"},
     {"__main__", "__init__"},
 ]
 """Pipeline stages in data-flow order (text -> lm -> capture -> sae -> encode -> latents -> retrieval ->
-index -> routing -> generate -> integrations/bench/service -> cli); a module may import from its own room and
-the rooms before it."""
+index -> routing -> abstention/generate -> integrations/bench/service -> cli); a module may import from its
+own room and the rooms before it."""
 RANK = {room: rank for rank, rooms in enumerate(ROOMS) for room in rooms}
 
 

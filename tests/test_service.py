@@ -43,7 +43,8 @@ QUERIES = [
     "military suicide causes",
 ]
 LIMITS = dict(max_text_chars=200, max_texts=4, max_vectors=4, max_k=20, max_ask_k=3, max_body_bytes=16384)
-ASK = dict(k=2, max_new_tokens=8)
+# The tiny model has random weights, so its support says nothing: /ask answers every question here.
+ASK = dict(k=2, max_new_tokens=8, min_relative_support=0)
 
 
 class LiveServer:
@@ -326,7 +327,9 @@ def test_ask_answers_as_rag_does_and_the_stream_joins_to_the_same_answer(client,
 
 def test_a_client_leaving_a_stream_stops_the_generation_and_frees_the_llm(index):
     # 5,000 tokens would take the tiny Llama well over ten seconds on this CPU.
-    server = LiveServer(create_app(index, RAG(index, k=2, max_new_tokens=5000), ServiceConfig()))
+    server = LiveServer(
+        create_app(index, RAG(index, k=2, max_new_tokens=5000, min_relative_support=0), ServiceConfig())
+    )
     try:
         with server.client() as c:
             with c.stream("POST", "/ask", json={"question": QUERIES[0], "stream": True}) as response:
@@ -353,7 +356,7 @@ def test_ask_k_changes_the_passages_given(client, index):
 
 
 def test_rag_stream_yields_pieces_then_the_answer_ask_gives(index):
-    rag = RAG(index, k=2, max_new_tokens=12)
+    rag = RAG(index, k=2, max_new_tokens=12, min_relative_support=0)
     items = list(rag.stream(QUERIES[2]))
     answer = rag.ask(QUERIES[2])
     assert isinstance(items[-1], Answer) and all(isinstance(p, str) for p in items[:-1])
@@ -362,7 +365,7 @@ def test_rag_stream_yields_pieces_then_the_answer_ask_gives(index):
 
 
 def test_closing_a_rag_stream_stops_its_generation(index):
-    stream = RAG(index, k=2, max_new_tokens=400).stream(QUERIES[3])
+    stream = RAG(index, k=2, max_new_tokens=400, min_relative_support=0).stream(QUERIES[3])
     next(stream), next(stream)  # the citation lead, then the first generated piece
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "ragsae-generate"]
@@ -372,6 +375,20 @@ def test_rag_stream_abstains_like_ask(index):
     rag = RAG(index, k=2, min_support=1.5)  # support is a cosine: out of reach
     items = list(rag.stream(QUERIES[0]))
     assert items[0] == items[-1].text and not items[-1].answered and items[-1].text == rag.ask(QUERIES[0]).text
+
+
+def test_ask_over_http_reports_relative_support_and_abstains_below_the_services_threshold(index):
+    rag = RAG(index, k=2, min_relative_support=1e6)  # far above any question's ratio
+    server = LiveServer(create_app(index, rag))
+    try:
+        with server.client() as c:
+            body = c.post("/ask", json={"question": QUERIES[0]}).json()
+    finally:
+        server.close()
+    expected = rag.relative_support(QUERIES[0])
+    assert not body["answered"] and body["citations"] == [] and len(body["hits"]) == 2
+    assert body["relative_support"] == pytest.approx(expected) and 0 < body["relative_support"] < 1e6
+    assert body["support"] == pytest.approx(rag.support(QUERIES[0]))
 
 
 # --- health, info, schema, page, metrics ---------------------------------------------------

@@ -146,6 +146,9 @@ class AskResponse(BaseModel):
     citations: list[int]
     """1-based numbers of the hits the answer cites."""
     support: float | None
+    relative_support: float | None
+    """Support divided by the index's support for random-word questions; /ask abstains below the
+    service's min_relative_support."""
     sources: list[HitOut]
     """The cited hits."""
     hits: list[HitOut]
@@ -216,6 +219,7 @@ def answer_json(answer: Answer) -> dict[str, Any]:
         "answered": answer.answered,
         "citations": answer.citations,
         "support": answer.support,
+        "relative_support": answer.relative_support,
         "sources": [hit_json(h) for h in answer.sources()],
         "hits": [hit_json(h) for h in answer.hits],
     }

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from ..config import SEARCH_MODES, field_docs
+from ..config import DEFAULT_MIN_RELATIVE_SUPPORT, SEARCH_MODES, field_docs
 from ..errors import ConfigError, RagsaeError
 from .config import API_KEY_ENV, ServiceConfig
 
@@ -96,6 +96,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="/ask says the passages do not answer below this support (RAG.min_support; default: 0, off)",
     )
     p.add_argument(
+        "--min-relative-support",
+        type=float,
+        default=DEFAULT_MIN_RELATIVE_SUPPORT,
+        help="/ask says the passages do not answer below this many times the index's support for random-word "
+        f"questions (RAG.min_relative_support; default: {DEFAULT_MIN_RELATIVE_SUPPORT}; 0: off)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("critical", "error", "warning", "info", "debug"),
@@ -138,7 +145,12 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "device": args.device,
         "threads": threads,
-        "rag": {"k": args.k, "max_new_tokens": args.max_new_tokens, "min_support": args.min_support},
+        "rag": {
+            "k": args.k,
+            "max_new_tokens": args.max_new_tokens,
+            "min_support": args.min_support,
+            "min_relative_support": args.min_relative_support,
+        },
         "service": {**service, "api_key": api_key},
     }
 
