@@ -150,6 +150,26 @@ def tiny_collection(tmp_path):
     return msmarco_slice(tmp_path / "tiny", 3, 30, 12)
 
 
+def warm_load_in_fresh_process(config: str, forward: str, timeout: int) -> dict:
+    """Load `LlmConfig(config)` in a fresh interpreter (from the cache the environment names) and run
+    `forward` on it (`llm` bound): whether that built the transformers model, and which of transformers'
+    modeling modules it imported."""
+    import subprocess
+
+    script = (
+        "import json, sys, torch\n"
+        "from ragsae.config import LlmConfig\n"
+        "from ragsae.lm import load_llm\n"
+        f"llm = load_llm(LlmConfig({config}))\n"
+        f"{forward}\n"
+        "modeling = sorted(m for m in sys.modules if m == 'transformers.modeling_utils' or '.modeling_llama' in m)\n"
+        "print(json.dumps({'built': llm.model_built, 'modeling': modeling}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def load_benchmark_script(name: str, folder: str = "benchmarks"):
     """FOLDER/NAME.py (benchmarks/ or research/) imported as module NAME (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / folder / f"{name}.py")

@@ -3,12 +3,10 @@ cached safetensors file gives the activations of the trunk on the model and of t
 bit for bit, and a fresh process that loads and runs it imports no transformers modeling code."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import shared_collection
+from conftest import shared_collection, warm_load_in_fresh_process
 
 from ragsae.config import LlmConfig
 from ragsae.lm.loading import load_llm
@@ -71,19 +69,9 @@ def test_bundled_rope_is_the_models(warm_cache):
 
 
 def test_bundled_warm_load_imports_no_modeling_code(warm_cache):
-    script = (
-        "import json, sys\n"
-        "from ragsae.config import LlmConfig\n"
-        "from ragsae.lm import load_llm\n"
-        "llm = load_llm(LlmConfig(device='cpu', dtype='bfloat16'))\n"
-        "ids = llm.tokenizer('How do I read a CSV file?', return_tensors='pt')['input_ids']\n"
-        "llm.trunk(8)(ids, [8])\n"
-        "modeling = sorted(m for m in sys.modules if m == 'transformers.modeling_utils' or '.modeling_llama' in m)\n"
-        "print(json.dumps({'built': llm.model_built, 'modeling': modeling}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"built": False, "modeling": []}
+    forward = "llm.trunk(8)(llm.tokenizer('How do I read a CSV file?', return_tensors='pt')['input_ids'], [8])"
+    report = warm_load_in_fresh_process("device='cpu', dtype='bfloat16'", forward, timeout=600)
+    assert report == {"built": False, "modeling": []}
 
 
 def test_bundled_tokenizer_loaded_directly_is_autotokenizers(warm_cache):

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import warm_load_in_fresh_process
 
 from ragsae.capture import ActivationCache, activations_id
 from ragsae.config import BuildConfig, CaptureConfig, LlmConfig
@@ -358,23 +359,11 @@ def test_a_model_the_trunk_cannot_read_from_files_loads_whole(cache_dir, fake_gg
 def test_a_warm_load_imports_no_modeling_code(cache_dir, fake_gguf):
     """A fresh process that loads from a warm cache and runs the trunk never imports transformers'
     modeling code (nor builds the model)."""
-    import subprocess
-    import sys
-
     config, _ = fake_gguf
     load_llm(config)  # writes the entry
-    script = (
-        "import json, sys, torch\n"
-        "from ragsae.config import LlmConfig\n"
-        "from ragsae.lm import load_llm\n"
-        f"llm = load_llm(LlmConfig(model={config.model!r}, gguf_file='tiny.gguf', device='cpu', dtype='float32'))\n"
-        "llm.trunk(3)(torch.tensor([[1, 2, 3]]), [3])\n"
-        "modeling = sorted(m for m in sys.modules if m == 'transformers.modeling_utils' or '.modeling_llama' in m)\n"
-        "print(json.dumps({'built': llm.model_built, 'modeling': modeling}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"built": False, "modeling": []}
+    loaded = f"model={config.model!r}, gguf_file='tiny.gguf', device='cpu', dtype='float32'"
+    report = warm_load_in_fresh_process(loaded, "llm.trunk(3)(torch.tensor([[1, 2, 3]]), [3])", timeout=300)
+    assert report == {"built": False, "modeling": []}
 
 
 @pytest.mark.parametrize(
