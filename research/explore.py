@@ -1114,7 +1114,7 @@ def run_study(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         f"{collection.name}: {args.study} ({collection.documents} documents, {len(collection.queries)} judged queries)"
     )
     table = markdown_table(rows, title)
-    write_study(Path(args.output_dir), f"{collection.name}-explore-{args.study}", result, table)
+    write_study(Path(args.output_dir), study_stem(collection.name, args.study), result, table)
     return result, table
 
 
@@ -1138,6 +1138,17 @@ def study_record(
         "build": to_dict(build),
         "options": options,
     }
+
+
+def study_stem(collection: str, study: str) -> str:
+    """The name (without suffix) of a study's result files."""
+    return f"{collection}-explore-{study}"
+
+
+def print_study(result: dict[str, Any], table: str, out: str, study: str) -> None:
+    """A study's table, then where `write_study` put its files."""
+    print(table)
+    print(f"wrote {out}/{study_stem(result['collection'], study)}.json and .md ({result['seconds']:.0f} s)")
 
 
 def write_study(out: Path, stem: str, result: dict[str, Any], table: str) -> None:
@@ -1189,10 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.study == "shared-sae" and not args.with_datasets:
         parser.error("shared-sae needs --with DATASET_DIR [...]")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result, table = run_study(args)
-    print(table)
-    stem = f"{result['collection']}-explore-{args.study}"
-    print(f"wrote {args.output_dir}/{stem}.json and .md ({result['seconds']:.0f} s)")
+    print_study(*run_study(args), args.output_dir, args.study)
     return 0
 
 

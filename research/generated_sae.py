@@ -68,8 +68,10 @@ from explore import (  # noqa: E402
     load_collection,
     make_setup,
     markdown_table,
+    print_study,
     sae_row,
     study_record,
+    study_stem,
     write_study,
 )
 
@@ -809,7 +811,7 @@ def run(
         f"({record['dtype']}, torch threads: {record['torch_threads']}){cached}.\n"
     )
     table = markdown_table(rows, title) + note
-    write_study(Path(args.output_dir), f"{collection.name}-explore-{STUDY}", result, table)
+    write_study(Path(args.output_dir), study_stem(collection.name, STUDY), result, table)
     return result, table
 
 
@@ -839,10 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.other).resolve() == Path(args.dataset).resolve():
         parser.error("--other must be another collection than DATASET_DIR (its text would train the SAE)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result, table = run(args)
-    print(table)
-    stem = f"{result['collection']}-explore-{STUDY}"
-    print(f"wrote {args.output_dir}/{stem}.json and .md ({result['seconds']:.0f} s)")
+    print_study(*run(args), args.output_dir, STUDY)
     return 0
 
 
